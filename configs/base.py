@@ -1,0 +1,43 @@
+"""Fields every config shares; the other config files start from `base_config()` and change what differs."""
+
+import ml_collections
+
+from ctelm_jax.parallel.rules import DEFAULT_RULES
+
+TASKS = ("describe", "attributes", "compare", "concept", "reconstruct")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Defaults: embedded SmolLM2-135M-Instruct decoder + all-MiniLM-L6-v2 encoder, LoRA on q/k as OpenELM."""
+    c = ml_collections.ConfigDict()
+    c.model = ml_collections.ConfigDict(dict(
+        decoder="default",          # 'default' (embedded SmolLM2-135M-Instruct) or a Hugging Face Llama folder
+        tokenizer="",               # '' = the decoder folder's tokenizer
+        arch=ml_collections.ConfigDict(),  # non-empty: a randomly initialised decoder of this LlamaConfig (tests)
+        dtype="float32", param_dtype="float32", scan_layers=False, remat_policy="none",
+        lora_rank=16, lora_alpha=32.0, lora_targets=("q_proj", "k_proj"),
+        domain_dim=384, adapter_hidden=1024, seed=0,
+    ))
+    c.data = ml_collections.ConfigDict(dict(
+        corpus="data/clinical_trials.jsonl.gz",
+        embeddings="",              # '' = embed the corpus with `encoder` into <workdir>/embeddings; 'random' = tests
+        encoder="default",          # 'default' (embedded all-MiniLM-L6-v2) or a BERT-family folder
+        max_records=0,              # 0 = all
+        tasks=TASKS, seq_len=256, global_batch_size=4, max_embeddings_per_row=4, seed=0,
+    ))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.rules = [list(r) for r in DEFAULT_RULES]
+    c.stages = [
+        dict(name="align", steps=100, trainable=("adapter",), tasks={"describe": 1.0}, learning_rate=1e-3,
+             warmup_steps=10),
+        dict(name="multitask", steps=200, trainable=("adapter", "lora"),
+             tasks={"describe": 0.4, "attributes": 0.25, "compare": 0.15, "concept": 0.1, "reconstruct": 0.1},
+             learning_rate=3e-4, warmup_steps=10),
+    ]
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=50, keep=2, keep_best=1, async_save=True))
+    c.eval = ml_collections.ConfigDict(dict(every_steps=50, batches=4))
+    c.export = ml_collections.ConfigDict(dict(every_steps=0, dir=""))
+    c.log_every = 1
+    c.distributed = ml_collections.ConfigDict(dict(
+        coordinator_address="", num_processes=1, process_id=0, local_device_ids=(), initialization_timeout=300))
+    return c

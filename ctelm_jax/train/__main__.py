@@ -1,0 +1,21 @@
+"""`python -m ctelm_jax.train --config=configs/<name>.py --workdir=DIR [--config.key=value ...]`."""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from ctelm_jax.train.loop import train
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Training config file (ml_collections).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, TensorBoard events, resolved config.")
+flags.mark_flag_as_required("workdir")
+
+
+def main(argv: list[str]) -> None:
+    """Trains (or resumes) the configured curriculum in --workdir."""
+    del argv
+    summary = train(_CONFIG.value, _WORKDIR.value)
+    logging.info("training %s at step %s", summary["status"], summary.get("step"))
+
+
+if __name__ == "__main__":
+    app.run(main)

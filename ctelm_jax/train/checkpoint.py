@@ -1,0 +1,80 @@
+"""One orbax CheckpointManager per run: train state, data-iterator state, curriculum position and model identity
+as separate items; async saves; keeps the last K plus the best by validation loss; restores onto any mesh."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+VAL_METRIC = "val_loss"
+
+
+class CheckpointMismatch(ValueError):
+    """The run directory holds checkpoints of a different model than the one configured."""
+
+
+class Checkpointer:
+    """Saves and restores {state, data, progress, meta} under `<workdir>/checkpoints/<step>/`."""
+
+    def __init__(self, directory: str | Path, keep: int = 3, keep_best: int = 1, async_save: bool = True):
+        self.directory = Path(directory).absolute()
+        policy = pp.AnyPreservationPolicy([
+            pp.LatestN(keep),
+            pp.BestN(get_metric_fn=lambda m: m[VAL_METRIC], reverse=False, n=keep_best,
+                     keep_checkpoints_without_metrics=False),
+        ])
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=policy, enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "data", "progress", "meta"))
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step, if any."""
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, data_state: Any, progress: dict, meta: dict,
+             val_loss: float | None = None, force: bool = True) -> None:
+        """Starts an (async) save; the step directory appears only once it is complete."""
+        metrics = {VAL_METRIC: float(val_loss)} if val_loss is not None else None
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+            progress=ocp.args.JsonSave(progress), meta=ocp.args.JsonSave(meta)), metrics=metrics, force=force)
+
+    def restore_meta(self, step: int) -> tuple[dict, dict, Any]:
+        """(meta, progress, data_state) of a checkpoint: the small JSON items."""
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore(), progress=ocp.args.JsonRestore(), data=ocp.args.JsonRestore()))
+        return out["meta"], out["progress"], out["data"]
+
+    def restore_state(self, step: int, abstract_state: Any) -> Any:
+        """The train state, placed by the shardings of `abstract_state` (ShapeDtypeStructs), whatever mesh saved it."""
+        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+        return out["state"]
+
+    def check_meta(self, step: int, expected: dict) -> None:
+        """Raises CheckpointMismatch when the saved model identity differs from `expected`."""
+        saved = self.restore_meta(step)[0]
+        diff = {k: (saved.get(k), v) for k, v in expected.items() if saved.get(k) != v}
+        if diff:
+            lines = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
+            raise CheckpointMismatch(
+                f"{self.directory} holds checkpoints of a different model ({lines}); use a new --workdir, "
+                "or set the config back to the model that wrote them.")
+
+    def wait(self) -> None:
+        """Blocks until pending async saves are complete."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for saves and releases the manager."""
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs with the given shardings, the restore target of `tree`."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

@@ -1,0 +1,218 @@
+"""The training loop: curriculum stages, sharded jit steps, metrics, validation, orbax checkpoints, preemption."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+from tqdm import tqdm
+
+from ctelm_jax.models.build import build_elm, decoder_config, load_tokenizer, model_signature
+from ctelm_jax.parallel.mesh import make_mesh
+from ctelm_jax.parallel.rules import as_rules, batch_sharding, constrainer, state_shardings
+from ctelm_jax.train import inputs
+from ctelm_jax.train.checkpoint import Checkpointer, abstract_like
+from ctelm_jax.train.curriculum import Curriculum
+from ctelm_jax.train.metrics import EventWriter, peak_flops_per_device, task_losses, train_flops_per_token
+from ctelm_jax.train.optimizer import make_optimizer, param_labels
+from ctelm_jax.train.step import TrainState, make_eval_step, make_train_step
+
+
+class NonFiniteLoss(FloatingPointError):
+    """Training produced a NaN/inf loss or gradient; the run stops before saving anything from it."""
+
+
+class Preemption:
+    """Turns SIGTERM into a flag the loop checks after each step (save, then exit)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        logging.warning("SIGTERM received: saving a checkpoint after this step, then exiting.")
+        self.requested = True
+
+    def restore(self) -> None:
+        """Puts the previous SIGTERM handler back."""
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
+    """Joins a multi-process run when the config or the environment names a coordinator."""
+    dist = config.get("distributed")
+    if dist and dist.get("coordinator_address"):
+        jax.distributed.initialize(
+            coordinator_address=dist.coordinator_address, num_processes=int(dist.num_processes),
+            process_id=int(dist.process_id), local_device_ids=list(dist.local_device_ids) or None,
+            initialization_timeout=int(dist.get("initialization_timeout", 300)))
+
+
+def _place_batch(batch: dict[str, np.ndarray], mesh, rules) -> dict[str, jax.Array]:
+    """This host's rows of a global batch -> global arrays sharded over the batch axes."""
+    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, v.ndim), v) for k, v in batch.items()}
+
+
+def _summarise(metrics: dict[str, Any], tasks: list[str]) -> dict[str, float]:
+    out = {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"])}
+    out.update({f"loss/{t}": v for t, v in task_losses(metrics, tasks).items()})
+    return out
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+    """Runs (or resumes) the curriculum of `config` in `workdir`; returns a summary of the last metrics."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    maybe_initialize_distributed(config)
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    mesh = make_mesh(dict(config.mesh))
+    rules = as_rules(config.rules)
+    tasks = list(config.data.tasks)
+    curriculum = Curriculum(config.stages, tasks)
+    tokenizer = load_tokenizer(config.model)
+    model = build_elm(config.model, tokenizer, constrain=constrainer(mesh, rules))
+    graphdef, state = nnx.split(model)
+    del model
+    param_shardings = nnx.to_pure_dict(state_shardings(state, mesh, rules))
+    params = jax.device_put(nnx.to_pure_dict(state), param_shardings)
+    del state
+    signature = model_signature(config.model)
+    data = inputs.load_splits(config, workdir, tokenizer)
+
+    ckpt = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep, keep_best=config.checkpoint.keep_best,
+                        async_save=config.checkpoint.async_save)
+    step, stage_index, data_state = 0, 0, None
+    latest = ckpt.latest_step()
+    if latest is not None:
+        ckpt.check_meta(latest, signature)
+        _, progress, data_state = ckpt.restore_meta(latest)
+        step, stage_index = int(progress["step"]), int(progress["stage"])
+        logging.info("resuming from %s at step %d (stage %s)", ckpt.directory, step, stage_index)
+
+    dcfg = decoder_config(config.model)
+    seq_len, global_batch = int(config.data.seq_len), int(config.data.global_batch_size)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    writer = EventWriter(workdir / "tb")
+    peak = peak_flops_per_device(dcfg.dtype) * jax.device_count()
+    eval_step = jax.jit(make_eval_step(graphdef, len(tasks)), in_shardings=(param_shardings, None))
+    preemption = Preemption()
+    summary: dict[str, Any] = {"status": "finished"}
+    try:
+        for index in range(stage_index, len(curriculum.stages)):
+            stage = curriculum.stages[index]
+            start, end = curriculum.bounds(index)
+            labels = param_labels(params, stage.trainable)
+            tx = make_optimizer(labels, stage.schedule(), weight_decay=stage.weight_decay)
+            abstract_opt = jax.eval_shape(tx.init, params)
+            opt_shardings = _opt_shardings(tx, abstract_opt, param_shardings, replicated)
+            shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
+            resuming = latest is not None and index == stage_index
+            if resuming:
+                target = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+                                    params=abstract_like(params, param_shardings),
+                                    opt_state=abstract_like(abstract_opt, opt_shardings))
+                restored = ckpt.restore_state(latest, _as_dict(target))
+                ts = TrainState(**restored)
+                params = ts.params
+            else:
+                opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+                ts = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
+                                opt_state=opt_state)
+            if step >= end:
+                params = ts.params
+                continue
+            train_step = jax.jit(make_train_step(graphdef, labels, tx, len(tasks)),
+                                 in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0)
+            batches = inputs.train_batches(config, data["train"], tokenizer, stage, seed=int(config.data.seed) + index)
+            if resuming and data_state is not None and step > start:
+                batches.set_state(data_state)
+            flops_per_step = train_flops_per_token(dcfg, seq_len, "decoder" in stage.trainable) * global_batch * seq_len
+            logging.info("stage %d/%d %r: steps %d..%d, trainable=%s, tasks=%s", index + 1, len(curriculum.stages),
+                         stage.name, start, end, stage.trainable, stage.task_weights)
+            bar = tqdm(total=end - start, initial=step - start, desc=stage.name, disable=jax.process_index() != 0,
+                       dynamic_ncols=True)
+            while step < end:
+                t0 = time.perf_counter()
+                batch_np = next(batches)
+                ts, metrics = train_step(ts, _place_batch(batch_np, mesh, rules))
+                metrics = jax.device_get(metrics)
+                dt = time.perf_counter() - t0
+                if not (math.isfinite(float(metrics["loss"])) and math.isfinite(float(metrics["grad_norm"]))):
+                    raise NonFiniteLoss(
+                        f"non-finite loss/grad at step {step} (stage {stage.name!r}, batch #{step - start} of its data "
+                        f"stream, loss={float(metrics['loss'])}, grad_norm={float(metrics['grad_norm'])}); stopped "
+                        f"without saving it. The last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}. "
+                        "Lower the learning rate or check the embeddings and data of that batch.")
+                step += 1
+                scalars = _summarise(metrics, tasks)
+                scalars.update({"lr": float(stage.schedule()(step - start - 1)), "step_time_s": dt,
+                                "tokens_per_s": global_batch * seq_len / dt, "mfu": flops_per_step / dt / peak,
+                                "target_tokens": float(metrics["target_tokens"])})
+                val_loss = None
+                if config.eval.every_steps and (step % config.eval.every_steps == 0 or step == end):
+                    val_loss = evaluate(eval_step, ts.params, config, data["validation"], tokenizer, stage, mesh, rules,
+                                        tasks)
+                    scalars.update({f"val/{k}": v for k, v in val_loss.items()})
+                if step % config.log_every == 0 or step == end:
+                    writer.write(step, scalars)
+                bar.set_postfix(loss=f"{scalars['loss']:.3f}", tok_s=f"{scalars['tokens_per_s']:.0f}",
+                                mfu=f"{scalars['mfu']:.1%}")
+                bar.update(1)
+                summary["last"] = scalars
+                if step % config.checkpoint.every_steps == 0 or step == end or preemption.requested:
+                    ckpt.save(step, _as_dict(ts), batches.get_state(), {"stage": index, "step": step}, signature,
+                              val_loss=None if val_loss is None else val_loss["loss"])
+                if preemption.requested:
+                    ckpt.wait()
+                    logging.warning("preempted: checkpoint of step %d saved in %s; rerun the same command to resume.",
+                                    step, ckpt.directory)
+                    summary["status"] = "preempted"
+                    return summary
+            bar.close()
+            params = ts.params
+            data_state = None
+    finally:
+        preemption.restore()
+        ckpt.close()
+        writer.close()
+    summary["step"] = step
+    if jax.process_index() == 0:
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _as_dict(ts: TrainState) -> dict[str, Any]:
+    return {"step": ts.step, "params": ts.params, "opt_state": ts.opt_state}
+
+
+def _opt_shardings(tx, abstract_opt, param_shardings, replicated):
+    """Optimizer moments share their parameter's sharding; counters and the like are replicated."""
+    return optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_shardings,
+                                 transform_non_params=lambda _: replicated)
+
+
+def evaluate(eval_step, params, config, split, tokenizer, stage, mesh, rules, tasks) -> dict[str, float]:
+    """Validation loss over a fixed set of batches (token-weighted), overall and per task."""
+    sums, counts, total, tokens = np.zeros(len(tasks)), np.zeros(len(tasks)), 0.0, 0.0
+    for batch in inputs.eval_batches(config, split, tokenizer, stage):
+        m = jax.device_get(eval_step(params, _place_batch(batch, mesh, rules)))
+        sums += np.asarray(m["task_loss_sum"])
+        counts += np.asarray(m["task_tokens"])
+        total += float(m["loss"]) * float(m["target_tokens"])
+        tokens += float(m["target_tokens"])
+    out = {"loss": total / max(tokens, 1.0)}
+    out.update({t: float(sums[i] / counts[i]) for i, t in enumerate(tasks) if counts[i] > 0})
+    return out

@@ -1,0 +1,79 @@
+"""The loss and the compiled train / eval steps over a pure (dict) parameter tree."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+from ctelm_jax.train.optimizer import Params, combine, partition
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a step changes: the step count, all parameters, and the optimizer state of the trainable ones."""
+
+    step: jax.Array
+    params: Params
+    opt_state: optax.OptState
+
+
+def token_losses(model: nnx.Module, batch: Batch) -> jax.Array:
+    """Per-token negative log-likelihood of `targets` (B, T) under the ELM."""
+    logits, _ = model(batch["tokens"], batch["embeddings"], positions=batch["positions"],
+                      segment_ids=batch["segment_ids"])
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+
+
+def loss_and_metrics(model: nnx.Module, batch: Batch, num_tasks: int) -> tuple[jax.Array, Metrics]:
+    """Mean target-token loss and, per task, the summed loss and token count."""
+    nll = token_losses(model, batch)
+    mask = batch["loss_mask"].astype(jnp.float32)
+    tokens = mask.sum()
+    loss = (nll * mask).sum() / jnp.maximum(tokens, 1.0)
+    onehot = jax.nn.one_hot(batch["task_ids"], num_tasks, dtype=jnp.float32) * mask[..., None]
+    metrics = {
+        "loss": loss, "target_tokens": tokens,
+        "task_loss_sum": jnp.einsum("bt,btk->k", nll, onehot), "task_tokens": onehot.sum((0, 1)),
+    }
+    return loss, metrics
+
+
+def make_train_step(graphdef: nnx.GraphDef, labels: Params, tx: optax.GradientTransformation,
+                    num_tasks: int) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """A pure step: gradients of the trainable partition only, AdamW on them, frozen leaves passed through untouched."""
+
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        train, frozen = partition(state.params, labels)
+
+        def loss_fn(train_flat):
+            model = nnx.merge(graphdef, combine(train_flat, frozen))
+            return loss_and_metrics(model, batch, num_tasks)
+
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(train)
+        # Frozen leaves get scalar stand-ins: set_to_zero ignores them and they are never applied.
+        full_grads = combine(grads, {k: jnp.zeros((), v.dtype) for k, v in frozen.items()})
+        updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
+        upd_train, _ = partition(updates, labels)
+        new_train = {k: (v + upd_train[k].astype(v.dtype)) for k, v in train.items()}
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        new_state = TrainState(step=state.step + 1, params=combine(new_train, frozen), opt_state=opt_state)
+        return new_state, metrics
+
+    return step
+
+
+def make_eval_step(graphdef: nnx.GraphDef, num_tasks: int) -> Callable[[Params, Batch], Metrics]:
+    """Loss metrics of a batch without updating anything."""
+
+    def step(params: Params, batch: Batch) -> Metrics:
+        return loss_and_metrics(nnx.merge(graphdef, params), batch, num_tasks)[1]
+
+    return step
