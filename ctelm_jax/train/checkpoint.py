@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 VAL_METRIC = "val_loss"
@@ -78,3 +80,24 @@ class Checkpointer:
 def abstract_like(tree: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs with the given shardings, the restore target of `tree`."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def restore_params(directory: str | Path, template: dict, step: int | None = None) -> tuple[dict, int]:
+    """The parameters of a run's checkpoint (latest unless `step`), shaped like `template` (a pure param dict)."""
+    directory = Path(directory).absolute()
+    manager = ocp.CheckpointManager(directory, item_names=("state", "data", "progress", "meta"),
+                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{directory}: no complete checkpoint; train first or point at a run's checkpoints/.")
+    raw = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]["params"]
+    saved = {tuple(str(p) for p in k): v for k, v in traverse_util.flatten_dict(raw).items()}
+    out = {}
+    for key, leaf in traverse_util.flatten_dict(template).items():
+        skey = tuple(str(p) for p in key)
+        if skey not in saved or tuple(saved[skey].shape) != tuple(leaf.shape):
+            raise CheckpointMismatch(f"{directory} step {step}: parameter {'/'.join(skey)} is missing or has another "
+                                     f"shape than the configured model's {tuple(leaf.shape)}.")
+        out[key] = np.asarray(saved[skey])
+    manager.close()
+    return traverse_util.unflatten_dict(out), step

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -51,13 +52,23 @@ class Preemption:
 
 
 def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
-    """Joins a multi-process run when the config or the environment names a coordinator."""
-    dist = config.get("distributed")
-    if dist and dist.get("coordinator_address"):
-        jax.distributed.initialize(
-            coordinator_address=dist.coordinator_address, num_processes=int(dist.num_processes),
-            process_id=int(dist.process_id), local_device_ids=list(dist.local_device_ids) or None,
-            initialization_timeout=int(dist.get("initialization_timeout", 300)))
+    """Joins a multi-process run when the config or the environment (launch/ scripts) names a coordinator."""
+    dist = config.distributed
+    address = dist.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+    if not address:
+        return
+    num_processes = int(os.environ.get("JAX_NUM_PROCESSES", dist.num_processes))
+    process_id = int(os.environ.get("JAX_PROCESS_ID", dist.process_id))
+    timeout = int(os.environ.get("CTELM_INIT_TIMEOUT_S", dist.initialization_timeout))
+    local = list(dist.local_device_ids) or None
+    logging.info("joining %s as process %d of %d (timeout %d s)", address, process_id, num_processes, timeout)
+    try:
+        jax.distributed.initialize(coordinator_address=address, num_processes=num_processes, process_id=process_id,
+                                   local_device_ids=local, initialization_timeout=timeout)
+    except Exception as e:  # the runtime raises several types; all mean the same to the user
+        raise RuntimeError(f"process {process_id} could not join the coordinator at {address} within {timeout} s: "
+                           f"{e}. Check that every process was started, the address/port is reachable, and "
+                           "JAX_NUM_PROCESSES matches the number started.") from e
 
 
 def _place_batch(batch: dict[str, np.ndarray], mesh, rules) -> dict[str, jax.Array]:
