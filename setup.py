@@ -31,7 +31,7 @@ setup(
         "sacrebleu",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist"],
+        "test": ["pytest", "pytest-xdist", "execnet"],
         # PyTorch side of the parity checks and the reference loader; CPU wheel, pinned.
         "hf": ["torch==2.13.0", "accelerate", "sentence-transformers"],
     },

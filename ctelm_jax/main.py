@@ -1,0 +1,27 @@
+"""The README's main job: train the embedded default end to end, then evaluate it on the test split.
+
+`python -m ctelm_jax.main --workdir=runs/default [--config=configs/default.py] [--config.key=value ...]`
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from ctelm_jax.train.loop import train
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Training config file (ml_collections).")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Run directory.")
+
+
+def main(argv: list[str]) -> None:
+    """Trains (resuming if the workdir has a checkpoint) and prints the evaluation table."""
+    del argv
+    summary = train(_CONFIG.value, _WORKDIR.value)
+    logging.info("training %s at step %s", summary["status"], summary.get("step"))
+    if summary["status"] != "finished":
+        return
+    from ctelm_jax.evaluate import run_evaluation
+    print(run_evaluation(_WORKDIR.value))
+
+
+if __name__ == "__main__":
+    app.run(main)

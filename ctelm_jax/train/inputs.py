@@ -1,0 +1,106 @@
+"""What a training run reads: corpus records by split, their embeddings (loaded, computed once, or random for tests),
+and the batch iterators of each curriculum stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator, NamedTuple
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from ctelm_jax.data import pipeline
+from ctelm_jax.data.corpus import load_records, split_of
+from ctelm_jax.data.embeddings import embed_corpus, load_embeddings
+from ctelm_jax.data.render import render_text
+from ctelm_jax.train.curriculum import Stage
+from ctelm_jax.weights.tokenizer import Tokenizer
+
+SPLITS = ("train", "validation", "test")
+
+
+class Split(NamedTuple):
+    """The records of one split and their embeddings, row-aligned."""
+
+    records: list[dict]
+    embeddings: np.ndarray
+
+
+def encoder_dir(name: str) -> Path:
+    """The sentence-encoder folder: 'default' is the embedded all-MiniLM-L6-v2."""
+    if name == "default":
+        from ctelm_jax.weights.default import default_encoder_dir
+        return default_encoder_dir()
+    return Path(name)
+
+
+def corpus_embeddings(config: ml_collections.ConfigDict, workdir: Path, records: list[dict]) -> np.ndarray:
+    """Embeddings row-aligned with `records`: random (tests), from a file, or computed once into the workdir."""
+    dim = int(config.model.domain_dim)
+    source = config.data.embeddings
+    if source == "random":
+        rng = np.random.default_rng(int(config.data.seed))
+        e = rng.standard_normal((len(records), dim)).astype(np.float32)
+        return e / np.linalg.norm(e, axis=1, keepdims=True)
+    if not source:
+        source = workdir / "embeddings" / "corpus"
+        if not Path(str(source) + ".npy").is_file():
+            from ctelm_jax.encoders.bert import SentenceEncoder
+            encoder = SentenceEncoder.from_dir(encoder_dir(config.data.encoder))
+            if encoder.dim != dim:
+                raise ValueError(f"encoder {encoder.name} gives {encoder.dim}-d embeddings but model.domain_dim={dim}; "
+                                 f"set --config.model.domain_dim={encoder.dim}.")
+            embed_corpus(records, encoder, source, text_fn=render_text, show_progress=jax.process_index() == 0)
+    ids, array, _ = load_embeddings(source, expected_dim=dim)
+    row = {nctid: i for i, nctid in enumerate(ids)}
+    missing = [r["nctid"] for r in records if r["nctid"] not in row]
+    if missing:
+        raise ValueError(f"{source}: no embedding for {len(missing)} records (e.g. {missing[:3]}); "
+                         "re-run `python -m ctelm_jax.embed` on this corpus.")
+    return array[[row[r["nctid"]] for r in records]]
+
+
+def load_splits(config: ml_collections.ConfigDict, workdir: Path, tokenizer: Tokenizer) -> dict[str, Split]:
+    """Records of the corpus split by NCT id, with their embeddings."""
+    del tokenizer
+    records = load_records(config.data.corpus)
+    if config.data.max_records:
+        records = records[: int(config.data.max_records)]
+    embeddings = corpus_embeddings(config, workdir, records)
+    out = {}
+    for name in SPLITS:
+        idx = [i for i, r in enumerate(records) if split_of(r["nctid"]) == name]
+        out[name] = Split([records[i] for i in idx], embeddings[idx])
+    logging.info("corpus: %s", {k: len(v.records) for k, v in out.items()})
+    if not out["train"].records:
+        raise ValueError(f"{config.data.corpus}: no training records after splitting; is max_records too small?")
+    return out
+
+
+def _make(config: ml_collections.ConfigDict, split: Split, tokenizer: Tokenizer, weights: dict[str, float],
+          seed: int) -> Any:
+    per_host = int(config.data.global_batch_size) // jax.process_count()
+    return pipeline.make_pipeline(
+        split.records, split.embeddings, tokenizer, task_weights=weights, tasks=tuple(config.data.tasks),
+        seq_len=int(config.data.seq_len), batch_size=per_host, seed=seed,
+        max_embeddings_per_row=int(config.data.max_embeddings_per_row), expected_dim=int(config.model.domain_dim),
+        process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def train_batches(config: ml_collections.ConfigDict, split: Split, tokenizer: Tokenizer, stage: Stage,
+                  seed: int) -> Any:
+    """The stage's endless, checkpointable iterator of this host's rows of each global batch."""
+    if int(config.data.global_batch_size) % jax.process_count():
+        raise ValueError(f"data.global_batch_size={config.data.global_batch_size} is not divisible by the "
+                         f"{jax.process_count()} processes.")
+    return _make(config, split, tokenizer, stage.task_weights, seed)
+
+
+def eval_batches(config: ml_collections.ConfigDict, split: Split, tokenizer: Tokenizer,
+                 stage: Stage) -> Iterator[dict[str, np.ndarray]]:
+    """A fixed set of validation batches for the stage's tasks (same seed every time)."""
+    it = _make(config, split, tokenizer, stage.task_weights, seed=12345)
+    for _ in range(int(config.eval.batches)):
+        yield next(it)
