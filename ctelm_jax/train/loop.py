@@ -14,9 +14,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
-from flax import nnx
+from flax import nnx, traverse_util
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
@@ -128,7 +127,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
             labels = param_labels(params, stage.trainable)
             tx = make_optimizer(labels, stage.schedule(), weight_decay=stage.weight_decay)
             abstract_opt = jax.eval_shape(tx.init, params)
-            opt_shardings = _opt_shardings(tx, abstract_opt, param_shardings, replicated)
+            opt_shardings = _opt_shardings(abstract_opt, param_shardings, replicated)
             shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
             resuming = latest is not None and index == stage_index
             if resuming:
@@ -209,10 +208,18 @@ def _as_dict(ts: TrainState) -> dict[str, Any]:
     return {"step": ts.step, "params": ts.params, "opt_state": ts.opt_state}
 
 
-def _opt_shardings(tx, abstract_opt, param_shardings, replicated):
-    """Optimizer moments share their parameter's sharding; counters and the like are replicated."""
-    return optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_shardings,
-                                 transform_non_params=lambda _: replicated)
+def _opt_shardings(abstract_opt: Any, param_shardings: dict, replicated: NamedSharding) -> Any:
+    """Optimizer moments share their parameter's sharding (matched by key path and shape); the rest is replicated."""
+    by_path = {tuple(str(k) for k in path): s for path, s in traverse_util.flatten_dict(param_shardings).items()}
+
+    def one(path, leaf):
+        keys = tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+        for i in range(len(keys)):
+            if keys[i:] in by_path:
+                return by_path[keys[i:]]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(one, abstract_opt)
 
 
 def evaluate(eval_step, params, config, split, tokenizer, stage, mesh, rules, tasks) -> dict[str, float]:

@@ -29,13 +29,15 @@ def token_losses(model: nnx.Module, batch: Batch) -> jax.Array:
     logits, _ = model(batch["tokens"], batch["embeddings"], positions=batch["positions"],
                       segment_ids=batch["segment_ids"])
     logp = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+    # Ids past the vocabulary (the placeholder added to the tokenizer) are never scored; keep their gather in range.
+    targets = jnp.where(batch["targets"] < logits.shape[-1], batch["targets"], 0)
+    return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
 
 
 def loss_and_metrics(model: nnx.Module, batch: Batch, num_tasks: int) -> tuple[jax.Array, Metrics]:
     """Mean target-token loss and, per task, the summed loss and token count."""
-    nll = token_losses(model, batch)
     mask = batch["loss_mask"].astype(jnp.float32)
+    nll = jnp.where(mask > 0, token_losses(model, batch), 0.0)
     tokens = mask.sum()
     loss = (nll * mask).sum() / jnp.maximum(tokens, 1.0)
     onehot = jax.nn.one_hot(batch["task_ids"], num_tasks, dtype=jnp.float32) * mask[..., None]
