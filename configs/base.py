@@ -36,7 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
     ]
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=50, keep=2, keep_best=1, async_save=True))
     c.eval = ml_collections.ConfigDict(dict(every_steps=50, batches=4))
-    c.export = ml_collections.ConfigDict(dict(every_steps=0, dir=""))
+    c.export = ml_collections.ConfigDict(dict(every_steps=0, dir="", lora="merge"))
     c.log_every = 1
     c.distributed = ml_collections.ConfigDict(dict(
         coordinator_address="", num_processes=1, process_id=0, local_device_ids=(), initialization_timeout=300))

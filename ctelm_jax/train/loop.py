@@ -28,6 +28,7 @@ from ctelm_jax.train.curriculum import Curriculum
 from ctelm_jax.train.metrics import EventWriter, peak_flops_per_device, task_losses, train_flops_per_token
 from ctelm_jax.train.optimizer import make_optimizer, param_labels
 from ctelm_jax.train.step import TrainState, make_eval_step, make_train_step
+from ctelm_jax.weights.elm_export import maybe_export
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -185,6 +186,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
                 if step % config.checkpoint.every_steps == 0 or step == end or preemption.requested:
                     ckpt.save(step, _as_dict(ts), batches.get_state(), {"stage": index, "step": step}, signature,
                               val_loss=None if val_loss is None else val_loss["loss"])
+                maybe_export(config, workdir, step, graphdef, ts.params, tokenizer)
                 if preemption.requested:
                     ckpt.wait()
                     logging.warning("preempted: checkpoint of step %d saved in %s; rerun the same command to resume.",

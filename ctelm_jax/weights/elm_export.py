@@ -1,0 +1,330 @@
+"""ELM folders: a Hugging Face Llama folder whose state dict also holds the adapter, both ways.
+
+The layout is OpenELM's: `model.safetensors` (sharded with an index above a size limit) holds the decoder under
+`LlamaForCausalLM` names plus `adapter.0.weight/bias` and `adapter.2.weight/bias` (the Linear -> ReLU -> Linear
+adapter as a `torch.nn.Sequential`, PyTorch (out, in) layout); `config.json` is the Llama config plus
+`dim_embed_domain`, `dim_adapter_hidden`, `placeholder_token(_id)` and the encoder's name. LoRA is either merged
+into the base weights or kept beside them as a PEFT adapter (`adapter_config.json`, `adapter_model.safetensors`).
+Tokenizer files (with chat template and placeholder token) and `generation_config.json` complete the folder.
+
+Folders are written atomically: into a hidden temporary sibling, renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.experimental import multihost_utils
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+from ctelm_jax.models.adapter import Adapter
+from ctelm_jax.models.elm import ELM
+from ctelm_jax.models.llama import Llama, LlamaConfig
+from ctelm_jax.models.lora import LoRAParam
+from ctelm_jax.trained import load_trained
+from ctelm_jax.weights.hf import (
+    CheckpointError, Tensors, decoder_from_hf, decoder_to_hf, lora_to_peft, read_config, read_tensors, write_tensors,
+)
+from ctelm_jax.weights.tokenizer import PLACEHOLDER, Tokenizer
+
+ADAPTER_LAYERS = {"0": "fc_in", "2": "fc_out"}  # index in the torch Sequential -> Adapter attribute
+PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+GENERATION_CONFIG = "generation_config.json"
+PEFT_PREFIX = "base_model.model."
+LORA_MODES = ("merge", "peft")
+DEFAULT_ENCODER_NAME = "all-MiniLM-L6-v2"  # the name `ctelm_jax.embed` records for the embedded default encoder
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+
+
+def adapter_to_hf(adapter: Adapter) -> Tensors:
+    """The adapter as `adapter.{0,2}.{weight,bias}` numpy tensors (PyTorch (out, in) layout)."""
+    out: Tensors = {}
+    for index, attr in ADAPTER_LAYERS.items():
+        dense = getattr(adapter, attr)
+        out[f"adapter.{index}.weight"] = np.ascontiguousarray(np.asarray(dense.kernel[...]).T)
+        out[f"adapter.{index}.bias"] = np.asarray(dense.bias[...])
+    return out
+
+
+def adapter_from_hf(adapter: Adapter, tensors: Tensors, source: str = "checkpoint") -> None:
+    """Copies `adapter.*` tensors into `adapter` in place, checking every name and shape."""
+    updates = []
+    for index, attr in ADAPTER_LAYERS.items():
+        dense = getattr(adapter, attr)
+        for leaf, transpose in (("weight", True), ("bias", False)):
+            name = f"adapter.{index}.{leaf}"
+            if name not in tensors:
+                raise CheckpointError(f"{source}: tensor {name!r} is missing; an ELM checkpoint stores its adapter as "
+                                      "adapter.0.weight/bias and adapter.2.weight/bias beside the decoder.")
+            var = dense.kernel if transpose else dense.bias
+            value = tensors[name].T if transpose else tensors[name]
+            if value.shape != var[...].shape:
+                raise CheckpointError(f"{source}: tensor {name!r} has shape {tensors[name].shape}, but config.json "
+                                      f"(dim_embed_domain, dim_adapter_hidden, hidden_size) implies "
+                                      f"{var[...].shape[::-1] if transpose else var[...].shape}.")
+            updates.append((var, jnp.asarray(value, var[...].dtype)))
+    for var, value in updates:
+        var[...] = value
+
+
+def _peft_key(path: tuple[Any, ...], layer: int) -> str:
+    """The PEFT tensor name of a LoRA factor at `path` (…, module, proj, 'lora', 'a'|'b') in decoder layer `layer`."""
+    module, proj, factor = path[-4], path[-3], path[-1]
+    return f"{PEFT_PREFIX}model.layers.{layer}.{module}.{proj}.lora_{'A' if factor == 'a' else 'B'}.weight"
+
+
+def lora_from_peft(decoder: Llama, tensors: Tensors, source: str = "adapter") -> None:
+    """Copies PEFT LoRA factors (lora_A (r, in), lora_B (out, r)) into the decoder's LoRA parameters in place."""
+    cfg = decoder.config
+    updates = []
+    for path, var in nnx.to_flat_state(nnx.state(decoder, LoRAParam)):
+        layers = [path[1]] if isinstance(path[1], int) else list(range(cfg.num_layers))
+        arrays = []
+        for layer in layers:
+            key = _peft_key(path, layer)
+            if key not in tensors:
+                raise CheckpointError(f"{source}: LoRA tensor {key!r} is missing; does {PEFT_CONFIG} (r, "
+                                      "target_modules) belong to these weights?")
+            arrays.append(tensors[key].T)
+        value = arrays[0] if isinstance(path[1], int) else np.stack(arrays)
+        if value.shape != var[...].shape:
+            raise CheckpointError(f"{source}: LoRA tensor {_peft_key(path, layers[0])!r} has shape "
+                                  f"{arrays[0].T.shape}; the config expects {var[...].shape[-2:][::-1]}.")
+        updates.append((var, jnp.asarray(value, var[...].dtype)))
+    for var, value in updates:
+        var[...] = value
+
+
+def elm_hf_config(model: ELM, tokenizer: Tokenizer, extra_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The folder's `config.json`: the Llama config, the adapter's sizes, the placeholder and `extra_config`."""
+    return {
+        **model.decoder.config.to_hf_dict(),
+        "dim_embed_domain": int(model.adapter.fc_in.kernel[...].shape[0]),
+        "dim_adapter_hidden": int(model.adapter.fc_in.kernel[...].shape[1]),
+        "placeholder_token": tokenizer.placeholder, "placeholder_token_id": int(tokenizer.placeholder_id),
+        **dict(extra_config or {}),
+    }
+
+
+def peft_config(cfg: LlamaConfig, base_model: str) -> dict[str, Any]:
+    """A PEFT `adapter_config.json` for the decoder's LoRA (scale alpha / r, no dropout, no bias)."""
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "r": cfg.lora_rank, "lora_alpha": cfg.lora_alpha, "target_modules": sorted(cfg.lora_targets),
+        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+        "inference_mode": True, "modules_to_save": None,
+    }
+
+
+def check_target(out_dir: str | os.PathLike, overwrite: bool) -> Path:
+    """The absolute output path; FileExistsError if it exists non-empty and `overwrite` is off."""
+    out = Path(out_dir).absolute()
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite (overwrite=True) to replace it, "
+                              "or choose another --out.")
+    return out
+
+
+def _sibling(out: Path, tag: str) -> Path:
+    """A new hidden folder beside `out` (created with the umask's permissions, unlike mkdtemp's 0700)."""
+    path = out.parent / f".{out.name}.{tag}-{secrets.token_hex(6)}"
+    path.mkdir()
+    return path
+
+
+def _share_like_folder(folder: Path) -> None:
+    """Gives every file under `folder` the folder's read/write bits (safetensors writes its files 0600)."""
+    mode = folder.stat().st_mode & 0o777
+    for path in folder.rglob("*"):
+        path.chmod(mode if path.is_dir() else mode & 0o666)
+
+
+@contextlib.contextmanager
+def staged_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yields a temporary sibling of `out_dir` to fill; on success it replaces `out_dir`, on failure it is removed."""
+    out = check_target(out_dir, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(out, "tmp")
+    try:
+        yield tmp
+        _share_like_folder(tmp)
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        if out.exists() or out.is_symlink():
+            old = _sibling(out, "old")
+            os.replace(out, old / out.name)
+            try:
+                os.replace(tmp, out)
+            except OSError:
+                os.replace(old / out.name, out)
+                raise
+            finally:
+                shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export_elm(
+    model: ELM, tokenizer: Tokenizer, out_dir: str | os.PathLike, lora: str = "merge",
+    extra_config: Mapping[str, Any] | None = None, extra_files: Mapping[str, str | os.PathLike] | None = None,
+    overwrite: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Writes `model` as an ELM folder (see module doc) atomically; `extra_files` maps names in it to files to copy."""
+    if lora not in LORA_MODES:
+        raise ValueError(f"lora={lora!r}; choose one of {LORA_MODES}.")
+    cfg = model.decoder.config
+    if lora == "peft" and cfg.lora_rank == 0:
+        raise ValueError("lora='peft' but the model has no LoRA factors (lora_rank=0); export with lora='merge'.")
+    if model.placeholder_id != tokenizer.placeholder_id:
+        raise ValueError(f"the model's placeholder id {model.placeholder_id} is not the tokenizer's "
+                         f"{tokenizer.placeholder_id} ({tokenizer.placeholder!r}); they do not belong together.")
+    out = check_target(out_dir, overwrite)
+    tensors = {**decoder_to_hf(model.decoder, merge_lora=lora == "merge"), **adapter_to_hf(model.adapter)}
+    hf = tokenizer.hf
+    generation = {"bos_token_id": hf.bos_token_id, "eos_token_id": list(tokenizer.eos_ids),
+                  "pad_token_id": tokenizer.pad_id, "do_sample": False}
+    with staged_dir(out, overwrite) as tmp:
+        write_tensors(tensors, tmp, max_shard_bytes)
+        (tmp / "config.json").write_text(json.dumps(elm_hf_config(model, tokenizer, extra_config), indent=2))
+        (tmp / GENERATION_CONFIG).write_text(json.dumps(generation, indent=2))
+        tokenizer.save(tmp)
+        if lora == "peft":
+            save_file(lora_to_peft(model.decoder), str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
+            (tmp / PEFT_CONFIG).write_text(json.dumps(peft_config(cfg, str(out)), indent=2))
+        for name, src in (extra_files or {}).items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, tmp / name)
+    return out
+
+
+def _lora_fields(folder: Path) -> dict[str, Any]:
+    """LoRA settings (lora_rank, lora_alpha, lora_targets) of the folder's PEFT adapter; {} when it has none."""
+    path = folder / PEFT_CONFIG
+    if not path.is_file():
+        return {}
+    try:
+        peft = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}).") from e
+    targets = peft.get("target_modules")
+    if peft.get("peft_type") != "LORA" or peft.get("use_rslora") or not isinstance(targets, list):
+        raise CheckpointError(f"{path}: only plain LoRA (peft_type LORA, use_rslora false, target_modules a list of "
+                              f"module names) loads here; got peft_type={peft.get('peft_type')!r}, "
+                              f"use_rslora={peft.get('use_rslora')!r}, target_modules={targets!r}.")
+    return {"lora_rank": int(peft["r"]), "lora_alpha": float(peft["lora_alpha"]),
+            "lora_targets": tuple(sorted(targets))}
+
+
+def import_elm(
+    folder: str | os.PathLike, tokenizer: Tokenizer | None = None, placeholder: str | None = None,
+    rngs: nnx.Rngs | None = None, **overrides: Any,
+) -> tuple[ELM, Tokenizer]:
+    """Loads an ELM folder (ours or OpenELM's) into ctelm_jax; `overrides` set runtime fields (dtype, scan, LoRA).
+
+    A PEFT adapter in the folder sets the LoRA fields and its factors are loaded; without one, LoRA overrides give
+    fresh factors (B = 0) on top of the (merged) weights. The tokenizer is the folder's unless given; its
+    placeholder is `placeholder`, else config.json's `placeholder_token`, else `<|embedding|>`.
+    """
+    folder = Path(folder)
+    hf = read_config(folder)
+    missing = [k for k in ("dim_embed_domain", "dim_adapter_hidden") if k not in hf]
+    if missing:
+        raise CheckpointError(f"{folder / 'config.json'}: no {missing}; not an ELM folder (a plain Llama checkpoint "
+                              "loads with weights.hf.load_decoder and gets a fresh adapter from models.build).")
+    lora = _lora_fields(folder)
+    conflicts = {k: (v, overrides[k]) for k, v in lora.items() if k in overrides and overrides[k] != v}
+    if conflicts:
+        raise ValueError(f"{folder / PEFT_CONFIG} sets {conflicts} (adapter vs override); drop the LoRA overrides "
+                         "or export with lora='merge' to start new LoRA factors.")
+    cfg = LlamaConfig.from_hf_dict(hf, **{**overrides, **lora})
+    if tokenizer is None:
+        tokenizer = Tokenizer.from_dir(folder, placeholder or hf.get("placeholder_token") or PLACEHOLDER)
+    if len(tokenizer) > cfg.vocab_size + 1:
+        raise CheckpointError(f"{folder}: tokenizer has {len(tokenizer)} tokens but the decoder's vocabulary is "
+                              f"{cfg.vocab_size}; they do not belong together.")
+    rngs = rngs or nnx.Rngs(0)
+    tensors = read_tensors(folder)
+    decoder = Llama(cfg, rngs=rngs)
+    decoder_from_hf(decoder, tensors, source=str(folder))
+    adapter = Adapter(int(hf["dim_embed_domain"]), int(hf["dim_adapter_hidden"]), cfg.hidden_size, rngs=rngs,
+                      param_dtype=jnp.dtype(cfg.param_dtype), dtype=jnp.dtype(cfg.dtype))
+    adapter_from_hf(adapter, tensors, source=str(folder))
+    if lora:
+        weights = folder / PEFT_WEIGHTS
+        try:
+            peft_tensors = load_file(str(weights))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{weights}: missing or unreadable ({e}); {PEFT_CONFIG} needs it beside it.") from e
+        lora_from_peft(decoder, peft_tensors, source=str(weights))
+    return ELM(decoder, adapter, tokenizer.placeholder_id), tokenizer
+
+
+def run_extras(
+    config: ml_collections.ConfigDict, workdir: str | os.PathLike, step: int,
+) -> tuple[dict[str, Any], dict[str, Path]]:
+    """(extra config.json fields, extra files) of a run's step: encoder name, concept vectors, embedding metadata."""
+    workdir = Path(workdir)
+    files = {f"embeddings/{p.name}": p for p in sorted((workdir / "embeddings").glob("*meta*.json"))}
+    if (workdir / "concepts.npz").is_file():
+        files["concepts.npz"] = workdir / "concepts.npz"
+    names = []
+    for path in files.values():
+        if path.suffix == ".json":
+            with contextlib.suppress(OSError, json.JSONDecodeError, AttributeError):
+                names.append(json.loads(path.read_text()).get("encoder"))
+    encoder = next((n for n in names if n), None)
+    if encoder is None:
+        configured = str(config.data.encoder)
+        encoder = DEFAULT_ENCODER_NAME if configured == "default" else Path(configured).name
+    return {"encoder": encoder, "ctelm_step": int(step)}, files
+
+
+def export_run(
+    workdir: str | os.PathLike, out_dir: str | os.PathLike, step: int | None = None, lora: str = "merge",
+    overwrite: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Exports a run's latest (or given) checkpoint as an ELM folder with its encoder name and concept vectors."""
+    check_target(out_dir, overwrite)
+    trained = load_trained(workdir, step)
+    extra_config, extra_files = run_extras(trained.config, workdir, trained.step)
+    return export_elm(trained.model, trained.tokenizer, out_dir, lora, extra_config, extra_files, overwrite,
+                      max_shard_bytes)
+
+
+def maybe_export(
+    config: ml_collections.ConfigDict, workdir: str | os.PathLike, step: int, graphdef: nnx.GraphDef,
+    params: Any, tokenizer: Tokenizer,
+) -> Path | None:
+    """Every `config.export.every_steps` steps, exports the training params to `<export.dir or workdir/export>/step_N`.
+
+    Call it on every process (parameters are gathered across hosts); process 0 writes. Returns the folder or None.
+    """
+    every = int(config.export.every_steps)
+    if not every or step % every:
+        return None
+    if jax.process_count() > 1:
+        params = multihost_utils.process_allgather(params, tiled=True)
+    params = jax.tree.map(np.asarray, jax.device_get(params))
+    if jax.process_index() != 0:
+        return None
+    out = Path(config.export.get("dir") or Path(workdir) / "export") / f"step_{step}"
+    extra_config, extra_files = run_extras(config, workdir, step)
+    path = export_elm(nnx.merge(graphdef, params), tokenizer, out, config.export.get("lora", "merge"), extra_config,
+                      extra_files, overwrite=True)
+    logging.info("exported step %d to %s", step, path)
+    return path
