@@ -2,9 +2,9 @@
 
 import ml_collections
 
+from ctelm_jax.data.tasks import TASKS
 from ctelm_jax.parallel.rules import DEFAULT_RULES
 
-TASKS = ("describe", "attributes", "compare", "concept", "reconstruct")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -31,7 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
         dict(name="align", steps=100, trainable=("adapter",), tasks={"describe": 1.0}, learning_rate=1e-3,
              warmup_steps=10),
         dict(name="multitask", steps=200, trainable=("adapter", "lora"),
-             tasks={"describe": 0.4, "attributes": 0.25, "compare": 0.15, "concept": 0.1, "reconstruct": 0.1},
+             tasks={"describe": 0.4, "attributes": 0.25, "compare": 0.15, "concept": 0.1, "eligibility": 0.1},
              learning_rate=3e-4, warmup_steps=10),
     ]
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=50, keep=2, keep_best=1, async_save=True))

@@ -81,20 +81,17 @@ def load_splits(config: ml_collections.ConfigDict, workdir: Path, tokenizer: Tok
 
 def _make(config: ml_collections.ConfigDict, split: Split, tokenizer: Tokenizer, weights: dict[str, float],
           seed: int) -> Any:
-    per_host = int(config.data.global_batch_size) // jax.process_count()
+    # Every configured task keeps its index (task_ids follow config.data.tasks); unused ones get weight 0.
+    ordered = {t: float(weights.get(t, 0.0)) for t in config.data.tasks}
     return pipeline.make_pipeline(
-        split.records, split.embeddings, tokenizer, task_weights=weights, tasks=tuple(config.data.tasks),
-        seq_len=int(config.data.seq_len), batch_size=per_host, seed=seed,
-        max_embeddings_per_row=int(config.data.max_embeddings_per_row), expected_dim=int(config.model.domain_dim),
-        process_index=jax.process_index(), process_count=jax.process_count())
+        split.records, split.embeddings, tokenizer, ordered, seq_len=int(config.data.seq_len),
+        batch_size=int(config.data.global_batch_size), seed=seed,
+        max_embeddings_per_row=int(config.data.max_embeddings_per_row), embedding_dim=int(config.model.domain_dim))
 
 
 def train_batches(config: ml_collections.ConfigDict, split: Split, tokenizer: Tokenizer, stage: Stage,
                   seed: int) -> Any:
     """The stage's endless, checkpointable iterator of this host's rows of each global batch."""
-    if int(config.data.global_batch_size) % jax.process_count():
-        raise ValueError(f"data.global_batch_size={config.data.global_batch_size} is not divisible by the "
-                         f"{jax.process_count()} processes.")
     return _make(config, split, tokenizer, stage.task_weights, seed)
 
 
