@@ -1,0 +1,155 @@
+"""Grain input pipeline: task mixing, packing, fixed-shape per-host batches, checkpointable iterator.
+
+    records (epoch-shuffled, repeated) -> task drawn by weight + `tasks.make_example` (per-index RNG)
+      -> this host's slice (global example i goes to host i % process_count)
+      -> first-fit packing into rows of `seq_len` tokens and `max_embeddings_per_row` embedding slots
+      -> batches of batch_size / process_count rows, with targets and embeddings filled in.
+
+Everything is a function of (seed, example index), so a run is reproducible, and the iterator's state
+(`get_state()`, a small JSON-serializable dict) restores it exactly (`set_state`).
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Mapping, Sequence
+
+import grain
+import jax
+import numpy as np
+from absl import logging
+
+from ctelm_jax.data import tasks
+from ctelm_jax.weights.tokenizer import Tokenizer
+
+BATCH_KEYS: tuple[str, ...] = ("tokens", "targets", "loss_mask", "segment_ids", "positions", "embeddings", "task_ids")
+_EMBEDDINGS_PER_TASK = {"compare": 2}
+
+
+def check_embeddings(embeddings: np.ndarray, num_records: int, embedding_dim: int | None = None) -> np.ndarray:
+    """`embeddings` as float32 (N, d) after checking shape, row count and finiteness (errors name the fix)."""
+    embeddings = np.asarray(embeddings)
+    if embeddings.ndim != 2:
+        raise ValueError(f"embeddings must be a (num_records, dim) array, got shape {embeddings.shape}.")
+    if embeddings.shape[0] != num_records:
+        raise ValueError(f"embeddings have {embeddings.shape[0]} rows but there are {num_records} records; embed "
+                         f"the same record list (in the same order) that is passed to the pipeline.")
+    if embedding_dim is not None and embeddings.shape[1] != embedding_dim:
+        raise ValueError(f"embeddings have dimension {embeddings.shape[1]} but the adapter expects {embedding_dim}; "
+                         f"re-embed with the configured encoder or set the model's domain dim to "
+                         f"{embeddings.shape[1]}.")
+    bad = np.flatnonzero(~np.isfinite(embeddings).all(axis=1))
+    if bad.size:
+        raise ValueError(f"{bad.size} embedding rows hold NaN/inf (first rows: {bad[:5].tolist()}); re-run the "
+                         f"encoder on those records or drop them from the corpus before training.")
+    return embeddings.astype(np.float32, copy=False)
+
+
+def _task_probabilities(tasks_weights: Mapping[str, float]) -> np.ndarray:
+    """Normalised task weights, checked."""
+    unknown = set(tasks_weights) - set(tasks.TASKS)
+    if unknown:
+        raise ValueError(f"unknown task(s) {sorted(unknown)}; known: {tasks.TASKS}")
+    weights = np.asarray(list(tasks_weights.values()), np.float64)
+    if weights.size == 0 or (weights < 0).any() or weights.sum() <= 0:
+        raise ValueError(f"task weights must be >= 0 with a positive sum, got {dict(tasks_weights)}")
+    return weights / weights.sum()
+
+
+class _MakeExample(grain.transforms.RandomMap):
+    """Record index -> packed-ready example of a task drawn by weight (None when skipped)."""
+
+    def __init__(self, records: Sequence[Mapping], tokenizer: Tokenizer, tasks_weights: Mapping[str, float],
+                 seq_len: int):
+        self.records, self.tokenizer, self.seq_len = records, tokenizer, seq_len
+        self.names = list(tasks_weights)
+        self.probabilities = _task_probabilities(tasks_weights)
+        self.stats: collections.Counter[str] = collections.Counter()
+
+    def random_map(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray] | None:
+        """The example for record `index`."""
+        task_id = int(rng.choice(len(self.names), p=self.probabilities))
+        example = tasks.make_example(self.names[task_id], self.records, int(index), rng, self.tokenizer, self.seq_len,
+                                     self.stats)
+        if self.stats:
+            logging.log_every_n_seconds(logging.WARNING, "pipeline: %s", 600, dict(self.stats))
+        if example is None:
+            return None
+        return {"tokens": example["tokens"], "loss_mask": example["loss_mask"],
+                "task_ids": np.full(len(example["tokens"]), task_id, np.int32),
+                "embedding_indices": example["embedding_indices"]}
+
+
+class _Finalize(grain.transforms.Map):
+    """Packed batch -> the Batch table: targets within each example, padding cleaned, embeddings gathered."""
+
+    def __init__(self, embeddings: np.ndarray, pad_id: int):
+        self.embeddings, self.pad_id = embeddings, pad_id
+
+    def map(self, packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The batch dict (keys `BATCH_KEYS`)."""
+        segment_ids = packed["tokens_segment_ids"].astype(np.int32)
+        real = segment_ids > 0
+        tokens = np.where(real, packed["tokens"], self.pad_id).astype(np.int32)
+        targets = np.full_like(tokens, self.pad_id)
+        same = real[:, :-1] & (segment_ids[:, 1:] == segment_ids[:, :-1])
+        targets[:, :-1] = np.where(same, tokens[:, 1:], self.pad_id)
+        used = packed["embedding_indices_segment_ids"] > 0
+        embeddings = self.embeddings[packed["embedding_indices"]] * used[..., None]
+        return {"tokens": tokens, "targets": targets,
+                "loss_mask": (packed["loss_mask"] * real).astype(np.float32), "segment_ids": segment_ids,
+                "positions": np.where(real, packed["tokens_positions"], 0).astype(np.int32),
+                "embeddings": embeddings.astype(np.float32), "task_ids": np.where(real, packed["task_ids"], 0)
+                .astype(np.int32)}
+
+
+def batch_spec(batch_size: int, seq_len: int, max_embeddings_per_row: int, embedding_dim: int,
+               process_count: int = 1) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """(shape, dtype) of each batch array on one host."""
+    b = batch_size // process_count
+    i32, f32 = np.dtype(np.int32), np.dtype(np.float32)
+    return {"tokens": ((b, seq_len), i32), "targets": ((b, seq_len), i32), "loss_mask": ((b, seq_len), f32),
+            "segment_ids": ((b, seq_len), i32), "positions": ((b, seq_len), i32),
+            "embeddings": ((b, max_embeddings_per_row, embedding_dim), f32), "task_ids": ((b, seq_len), i32)}
+
+
+def make_dataset(records: Sequence[Mapping], embeddings: np.ndarray, tokenizer: Tokenizer,
+                 tasks_weights: Mapping[str, float], seq_len: int, batch_size: int, seed: int,
+                 max_embeddings_per_row: int, *, embedding_dim: int | None = None, process_index: int | None = None,
+                 process_count: int | None = None, read_threads: int = 0) -> grain.IterDataset:
+    """The infinite dataset of this host's batches (see the module docstring); `batch_size` is the global batch,
+    `read_threads` grain threads build examples (0: in the calling thread, ~400k tokens/s on one CPU core)."""
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    if batch_size % process_count:
+        raise ValueError(f"global batch {batch_size} is not divisible by the {process_count} processes.")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} outside [0, {process_count}).")
+    _task_probabilities(tasks_weights)
+    needed = max(_EMBEDDINGS_PER_TASK.get(t, 1) for t, w in tasks_weights.items() if w > 0)
+    if max_embeddings_per_row < needed:
+        raise ValueError(f"max_embeddings_per_row={max_embeddings_per_row} but a weighted task uses {needed} "
+                         f"embeddings per example; raise it (rows pack several examples, so ~seq_len / 100).")
+    table = check_embeddings(embeddings, len(records), embedding_dim)
+    local_batch = batch_size // process_count
+    examples = (grain.MapDataset.range(len(records)).shuffle(seed=seed).repeat()
+                .random_map(_MakeExample(records, tokenizer, tasks_weights, seq_len), seed=seed)
+                [process_index::process_count])
+    packed = grain.experimental.FirstFitPackIterDataset(
+        examples.to_iter_dataset(grain.ReadOptions(num_threads=read_threads)),
+        length_struct={"tokens": seq_len, "loss_mask": seq_len, "task_ids": seq_len,
+                       "embedding_indices": max_embeddings_per_row},
+        num_packing_bins=local_batch, shuffle_bins=False)
+    return packed.batch(local_batch, drop_remainder=True).map(_Finalize(table, tokenizer.pad_id))
+
+
+def make_pipeline(records: Sequence[Mapping], embeddings: np.ndarray, tokenizer: Tokenizer,
+                  tasks_weights: Mapping[str, float], seq_len: int, batch_size: int, seed: int,
+                  max_embeddings_per_row: int, *, embedding_dim: int | None = None, process_index: int | None = None,
+                  process_count: int | None = None, read_threads: int = 0) -> grain.DatasetIterator:
+    """An iterator of this host's batches (dicts of `BATCH_KEYS` numpy arrays with fixed shapes, `batch_spec`);
+    `get_state()` / `set_state()` save and restore its position (JSON-serializable)."""
+    return iter(make_dataset(records, embeddings, tokenizer, tasks_weights, seq_len, batch_size, seed,
+                             max_embeddings_per_row, embedding_dim=embedding_dim, process_index=process_index,
+                             process_count=process_count, read_threads=read_threads))
+

