@@ -16,6 +16,7 @@ setup(
         "orbax-checkpoint",
         "grain",
         "tensorflow-datasets",
+        "etils[epath]",
         "array-record",
         "absl-py",
         "ml_collections",

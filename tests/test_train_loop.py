@@ -1,0 +1,134 @@
+"""The training loop on the tiny config: preemption and exact resume, cross-mesh restore, and the bad-input paths."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx, traverse_util
+
+from configs import tiny
+from ctelm_jax.models.build import build_elm, load_tokenizer
+from ctelm_jax.parallel.mesh import make_mesh, resolve_mesh_shape
+from ctelm_jax.parallel.rules import as_rules, state_shardings
+from ctelm_jax.train.checkpoint import Checkpointer, CheckpointMismatch
+from ctelm_jax.train.loop import NonFiniteLoss, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def config(**mesh):
+    c = tiny.get_config()
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh.get("data", -1), mesh.get("fsdp", 1), mesh.get("tensor", 1)
+    return c
+
+
+def losses(workdir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (workdir / "tb" / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def sigterm_after(workdir: Path, step: int) -> threading.Thread:
+    """Sends this process SIGTERM once the run has logged `step` (the loop saves and returns)."""
+
+    def watch():
+        path = workdir / "tb" / "metrics.jsonl"
+        while not (path.exists() and len(path.read_text().splitlines()) >= step):
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_sigterm_then_resume_equals_uninterrupted(tmp_path):
+    full = tmp_path / "full"
+    assert train(config(), full)["status"] == "finished"
+    reference = losses(full)
+    assert sorted(reference) == list(range(1, 9))
+
+    cut = tmp_path / "cut"
+    sigterm_after(cut, 3).join(0)
+    first = train(config(), cut)
+    assert first["status"] == "preempted"
+    saved = Checkpointer(cut / "checkpoints").latest_step()
+    assert 3 <= saved < 8  # saved where the signal landed, mid-run
+    logged_before = set(losses(cut))
+    assert train(config(), cut)["status"] == "finished"
+    resumed = losses(cut)
+    # The resumed run starts right after the saved step and reproduces the uninterrupted curve exactly.
+    assert saved + 1 in resumed and max(logged_before) == saved
+    for step in range(saved + 1, 9):
+        np.testing.assert_allclose(resumed[step], reference[step], rtol=1e-6, err_msg=f"step {step}")
+
+
+def test_checkpoint_from_2x4_mesh_restores_on_8x1_and_one_device(tmp_path):
+    c = config(data=2, fsdp=4)
+    train(c, tmp_path)
+    ckpt = Checkpointer(tmp_path / "checkpoints")
+    step = ckpt.latest_step()
+    tokenizer = load_tokenizer(c.model)
+    _, state = nnx.split(build_elm(c.model, tokenizer))
+    template = nnx.to_pure_dict(state)
+    restored = {}
+    for name, devices in (("8x1", jax.devices()), ("1", jax.devices()[:1])):
+        mesh = make_mesh({"data": -1}, devices)
+        shardings = nnx.to_pure_dict(state_shardings(state, mesh, as_rules(c.rules)))
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), template, shardings)
+        target = {"params": abstract}
+        raw = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True)))["state"]["params"]
+        leaves = traverse_util.flatten_dict(raw)
+        assert all(len(v.sharding.device_set) == len(devices) for v in leaves.values())
+        restored[name] = {k: np.asarray(v) for k, v in leaves.items()}
+    ckpt.close()
+    assert restored["8x1"].keys() == restored["1"].keys()
+    for k in restored["1"]:
+        np.testing.assert_array_equal(restored["8x1"][k], restored["1"][k])
+    # The run goes on from that checkpoint on the other mesh.
+    c2 = config(data=8)
+    c2.stages[1]["steps"] = 6
+    assert train(c2, tmp_path)["step"] == 10
+
+
+def test_workdir_of_another_model_is_refused(tmp_path):
+    train(config(), tmp_path)
+    other = config()
+    other.model.adapter_hidden = 48
+    with pytest.raises(CheckpointMismatch, match="adapter_hidden"):
+        train(other, tmp_path)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    c = config()
+    c.checkpoint.every_steps = 1
+    c.stages[0]["learning_rate"] = 1e38
+    with pytest.raises(NonFiniteLoss, match=r"non-finite loss/grad at step \d+ .*last good checkpoint is step \d+"):
+        train(c, tmp_path)
+    ckpt = Checkpointer(tmp_path / "checkpoints")
+    last = ckpt.latest_step()
+    assert last is not None and last >= 1
+    meta, progress, _ = ckpt.restore_meta(last)
+    assert progress["step"] == last
+    ckpt.close()
+
+
+def test_impossible_mesh_and_unknown_config_key():
+    with pytest.raises(ValueError, match="needs 6 devices but 8 are present"):
+        resolve_mesh_shape({"data": 2, "fsdp": 3}, 8)
+    with pytest.raises(ValueError, match="unknown axes"):
+        resolve_mesh_shape({"dp": 8}, 8)
+    out = subprocess.run(
+        [sys.executable, "-m", "ctelm_jax.train", "--config=configs/tiny.py", "--workdir=/tmp/never",
+         "--config.model.lora_rnk=8"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "lora_rnk" in out.stderr
