@@ -34,6 +34,6 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-xdist", "execnet"],
         # PyTorch side of the parity checks and the reference loader; CPU wheel, pinned.
-        "hf": ["torch==2.13.0", "accelerate", "sentence-transformers"],
+        "hf": ["torch==2.13.0", "accelerate", "sentence-transformers", "peft"],
     },
 )

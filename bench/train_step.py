@@ -1,0 +1,167 @@
+"""Training step, ctelm_jax vs transformers + PEFT (the OpenELM stack), same model, batch and machine.
+
+    .venv/bin/python bench/train_step.py [--reps=3] [--steps=3] [--batch=4] [--seq=256] [--settings=lora,full]
+
+The driver alternates worker processes (jax, torch, jax, torch, ...) so both see the same machine state; each worker
+builds its model once, times `--steps` steps after one warm-up (compile) step, and reports step times and its peak
+resident memory. Printed: median tokens/s, MFU, peak memory per framework and setting, and the jax/torch ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # configs/ lives at the repo root
+LORA_RANK, LORA_ALPHA, LORA_TARGETS, DOMAIN, ADAPTER_HIDDEN = 16, 32.0, ("q_proj", "k_proj"), 384, 1024
+
+
+def make_batch(batch: int, seq: int, vocab: int, placeholder: int) -> dict[str, np.ndarray]:
+    """One fixed batch: random tokens, two placeholders per row, loss on the second half."""
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, vocab, (batch, seq)).astype(np.int32)
+    tokens[:, [5, 9]] = placeholder
+    mask = np.zeros((batch, seq), np.float32)
+    mask[:, seq // 2:-1] = 1
+    return {"tokens": tokens, "targets": np.roll(tokens, -1, axis=1), "loss_mask": mask,
+            "segment_ids": np.ones((batch, seq), np.int32),
+            "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy(),
+            "embeddings": rng.standard_normal((batch, 2, DOMAIN)).astype(np.float32),
+            "task_ids": np.zeros((batch, seq), np.int32)}
+
+
+def jax_worker(setting: str, batch: dict, steps: int) -> list[float]:
+    """Step times of ctelm_jax's compiled train step."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from configs.base import base_config
+    from ctelm_jax.models.build import build_elm, load_tokenizer
+    from ctelm_jax.train.optimizer import make_optimizer, param_labels
+    from ctelm_jax.train.step import TrainState, make_train_step
+
+    c = base_config()
+    c.model.lora_rank, c.model.lora_alpha, c.model.lora_targets = LORA_RANK, LORA_ALPHA, LORA_TARGETS
+    graphdef, state = nnx.split(build_elm(c.model, load_tokenizer(c.model)))
+    params = nnx.to_pure_dict(state)
+    labels = param_labels(params, ("adapter", "lora") if setting == "lora" else ("adapter", "decoder"))
+    tx = make_optimizer(labels, optax.constant_schedule(1e-5))
+    ts = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    step = jax.jit(make_train_step(graphdef, labels, tx, 1), donate_argnums=0)
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    times = []
+    for _ in range(steps + 1):
+        t = time.perf_counter()
+        ts, m = step(ts, batch)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t)
+    return times[1:]
+
+
+def torch_worker(setting: str, batch: dict, steps: int) -> list[float]:
+    """Step times of transformers' LlamaForCausalLM (+ PEFT LoRA) with the same adapter splice and loss."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from ctelm_jax.weights.default import default_decoder_dir
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM.from_pretrained(str(default_decoder_dir()), dtype=torch.float32)
+    if setting == "lora":
+        model = get_peft_model(model, LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA,
+                                                 target_modules=list(LORA_TARGETS), lora_dropout=0.0))
+    adapter = torch.nn.Sequential(torch.nn.Linear(DOMAIN, ADAPTER_HIDDEN), torch.nn.ReLU(),
+                                  torch.nn.Linear(ADAPTER_HIDDEN, model.config.hidden_size))
+    params = [p for p in model.parameters() if p.requires_grad] + list(adapter.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
+    tokens = torch.tensor(batch["tokens"], dtype=torch.long)
+    is_ph = tokens >= model.config.vocab_size
+    targets = torch.tensor(batch["targets"], dtype=torch.long).clamp(max=model.config.vocab_size - 1)
+    mask = torch.tensor(batch["loss_mask"])
+    emb = torch.tensor(batch["embeddings"])
+    slot = (is_ph.cumsum(1) - 1).clamp(min=0)
+    times = []
+    for _ in range(steps + 1):
+        t = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        x = model.get_input_embeddings()(tokens.masked_fill(is_ph, 0))
+        soft = adapter(emb)
+        x = torch.where(is_ph[..., None], torch.gather(soft, 1, slot[..., None].expand(-1, -1, x.shape[-1])), x)
+        logits = model(inputs_embeds=x).logits.float()
+        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+        loss = (nll * mask.flatten()).sum() / mask.sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        times.append(time.perf_counter() - t)
+    return times[1:]
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Runs one framework/setting and prints its step times and peak RSS as JSON."""
+    from ctelm_jax.weights.default import default_decoder_dir
+    from ctelm_jax.weights.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(default_decoder_dir())
+    batch = make_batch(args.batch, args.seq, 49152 - 1, tok.placeholder_id)
+    fn = jax_worker if args.framework == "jax" else torch_worker
+    times = fn(args.setting, batch, args.steps)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # GiB (ru_maxrss is KiB on Linux)
+    print("RESULT " + json.dumps({"times": times, "peak_gib": peak}))
+
+
+def main() -> None:
+    """Alternates workers and prints the comparison table."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--settings", default="lora,full")
+    p.add_argument("--framework")
+    p.add_argument("--setting")
+    args = p.parse_args()
+    if args.framework:
+        return worker(args)
+    from ctelm_jax.models.build import decoder_config
+    from configs.base import base_config
+    from ctelm_jax.train.metrics import measure_matmul_flops, train_flops_per_token
+    import jax.numpy as jnp
+
+    cfg = decoder_config(base_config().model)
+    peak_flops = measure_matmul_flops(jnp.float32)
+    tokens = args.batch * args.seq
+    print(f"machine peak (measured fp32 matmul): {peak_flops / 1e9:.1f} GFLOP/s; batch {args.batch}x{args.seq}")
+    print("| setting | framework | median step s | tokens/s | MFU | peak RSS GiB |\n|---|---|---|---|---|---|")
+    for setting in args.settings.split(","):
+        results: dict[str, dict] = {"jax": {"times": [], "peak": 0.0}, "torch": {"times": [], "peak": 0.0}}
+        for _ in range(args.reps):
+            for fw in ("jax", "torch"):
+                out = subprocess.run([sys.executable, __file__, f"--framework={fw}", f"--setting={setting}",
+                                      f"--steps={args.steps}", f"--batch={args.batch}", f"--seq={args.seq}"],
+                                     cwd=REPO, capture_output=True, text=True, check=True)
+                r = json.loads(out.stdout.split("RESULT ", 1)[1])
+                results[fw]["times"] += r["times"]
+                results[fw]["peak"] = max(results[fw]["peak"], r["peak_gib"])
+        flops = train_flops_per_token(cfg, args.seq, setting == "full") * tokens
+        med = {fw: statistics.median(r["times"]) for fw, r in results.items()}
+        for fw in ("jax", "torch"):
+            print(f"| {setting} | {fw} | {med[fw]:.2f} | {tokens / med[fw]:.0f} | {flops / med[fw] / peak_flops:.1%} "
+                  f"| {results[fw]['peak']:.2f} |")
+        print(f"| {setting} | **jax/torch tokens/s** | | **{med['torch'] / med['jax']:.2f}x** | | |")
+
+
+if __name__ == "__main__":
+    main()
