@@ -9,13 +9,13 @@ from configs.base import base_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-    """About 25 minutes of training on 2 CPU cores (see BENCHMARKS.md)."""
+    """About 25 minutes (200 steps) of training on 2 CPU cores (see BENCHMARKS.md)."""
     c = base_config()
     c.data.seq_len = 256
     c.data.global_batch_size = 4
-    c.stages[0]["steps"] = 120
-    c.stages[1]["steps"] = 120
-    c.checkpoint.every_steps = 40
-    c.eval.every_steps = 40
+    c.stages[0]["steps"] = 100
+    c.stages[1]["steps"] = 100
+    c.checkpoint.every_steps = 25
+    c.eval.every_steps = 50
     c.eval.batches = 2
     return c
