@@ -1,7 +1,16 @@
-"""KV-cache decoding with the Llama decoder (greedy, one sequence)."""
+"""Batched KV-cache decoding for the ELM (and the bare Llama decoder): greedy or sampled, one compile per shape bucket.
+
+Prompts are sorted by length, grouped into batches and left-padded to a bucket length (a power of two); batches are
+padded to a power-of-two row count with dummy rows. Padding has segment id 0 (attends to nothing real), positions count
+real tokens only, so a padded row decodes exactly as it would alone. The whole decode loop is one `jax.lax.while_loop`
+on device (no host round trip per token) that stops once every row has produced a stop token or `max_new_tokens`.
+Logits are processed as Hugging Face `generate` does, in this order: repetition penalty (over prompt + generated
+tokens), banned tokens, temperature, top-p; temperature 0 is greedy (argmax after the penalty).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 from typing import Sequence
 
@@ -10,40 +19,251 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ctelm_jax.models.llama import KVCache, Llama, init_cache
+from ctelm_jax.models.elm import ELM
+from ctelm_jax.models.llama import Llama, init_cache
+
+MIN_LENGTH_BUCKET = 32
 
 
-@partial(jax.jit, static_argnums=0)
-def _next_token(
-    graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, embeds: jax.Array | None, cache: KVCache,
-) -> tuple[jax.Array, KVCache]:
-    """Runs `tokens` (or `embeds`) through the decoder after the cache; the argmax next token (B,) and the cache."""
-    logits, cache = nnx.merge(graphdef, state)(tokens, embeds=embeds, cache=cache)
-    return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How to decode: budget, sampling, stopping and batching (hashable: part of the compile key)."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0  # 1: no nucleus filtering
+    repetition_penalty: float = 1.0  # 1: off; OpenELM uses 1.2 (HF semantics)
+    stop_ids: tuple[int, ...] = ()  # a row stops after the first of these (it is included in the output)
+    banned_ids: tuple[int, ...] = ()  # never generated (e.g. the embedding placeholder if it is in the vocabulary)
+    batch_size: int = 16
+    pad_id: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
+        object.__setattr__(self, "banned_ids", tuple(int(i) for i in self.banned_ids))
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens}; it must be at least 1.")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature}; use 0 for greedy or a positive value to sample.")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p}; it must lie in (0, 1].")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty={self.repetition_penalty}; it must be positive (1 = off).")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size}; it must be positive.")
+
+    @property
+    def greedy(self) -> bool:
+        """Whether decoding takes the argmax (temperature 0)."""
+        return self.temperature == 0.0
+
+
+def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:
+    """HF's `RepetitionPenaltyLogitsProcessor`: seen tokens' logits divided by `penalty` if > 0, else multiplied."""
+    penalised = jnp.where(logits < 0, logits * penalty, logits / penalty)
+    return jnp.where(seen, penalised, logits)
+
+
+def top_p_filter(logits: jax.Array, top_p: float) -> jax.Array:
+    """HF's `TopPLogitsWarper`: -inf outside the smallest set of top tokens whose probability reaches `top_p`."""
+    order = jnp.argsort(logits, axis=-1)  # ascending
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    remove_sorted = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1) <= 1.0 - top_p
+    remove_sorted = remove_sorted.at[..., -1].set(False)
+    rows = jnp.arange(logits.shape[0])[:, None]
+    remove = jnp.zeros_like(remove_sorted).at[rows, order].set(remove_sorted)
+    return jnp.where(remove, -jnp.inf, logits)
+
+
+def next_tokens(logits: jax.Array, seen: jax.Array | None, key: jax.Array, cfg: SamplingConfig) -> jax.Array:
+    """The next token (B,) from last-position logits (B, V) and the tokens seen so far (B, V) bool (None without a
+    repetition penalty)."""
+    if cfg.repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
+    banned = [i for i in cfg.banned_ids if i < logits.shape[-1]]
+    if banned:
+        logits = logits.at[:, jnp.asarray(banned)].set(-jnp.inf)
+    if cfg.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / cfg.temperature
+    if cfg.top_p < 1.0:
+        logits = top_p_filter(logits, cfg.top_p)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _mark(seen: jax.Array | None, tokens: jax.Array, real: jax.Array) -> jax.Array | None:
+    """`seen` (B, V) with tokens (B, T) where `real` marked; ids past the vocabulary (the placeholder) are dropped.
+    None (no repetition penalty: nothing to track) stays None."""
+    if seen is None:
+        return None
+    rows = jnp.arange(seen.shape[0])[:, None]
+    counts = jnp.zeros(seen.shape, jnp.int32).at[rows, tokens].add(real.astype(jnp.int32), mode="drop")
+    return seen | (counts > 0)
+
+
+def _decode_loop(
+    decoder: Llama, x: jax.Array, tokens: jax.Array, segment_ids: jax.Array, done: jax.Array, key: jax.Array,
+    cfg: SamplingConfig,
+) -> tuple[jax.Array, jax.Array]:
+    """Prefills left-padded inputs x (B, T, D) and decodes on device; (new tokens (B, N), how many are valid (B,))."""
+    b, t, _ = x.shape
+    n = cfg.max_new_tokens
+    dcfg = decoder.config
+    real = segment_ids > 0
+    lengths = real.sum(axis=1).astype(jnp.int32)
+    positions = jnp.maximum(jnp.cumsum(real, axis=1) - 1, 0).astype(jnp.int32)
+    cache = init_cache(dcfg, b, t + n, jnp.dtype(dcfg.dtype))
+    logits, cache = decoder(embeds=x, positions=positions, segment_ids=segment_ids, cache=cache)
+    seen = None if cfg.repetition_penalty == 1.0 else _mark(jnp.zeros((b, dcfg.vocab_size), bool), tokens, real)
+    stop = jnp.asarray(cfg.stop_ids or (-1,), jnp.int32)
+
+    def emit(i, token, done, out, count, seen):
+        token = jnp.where(done, cfg.pad_id, token)
+        out = jax.lax.dynamic_update_slice(out, token[:, None], (0, i))
+        count = count + (~done).astype(jnp.int32)
+        seen = _mark(seen, token[:, None], ~done[:, None])
+        done = done | jnp.isin(token, stop)
+        return out, count, seen, done
+
+    key, sub = jax.random.split(key)
+    first = next_tokens(logits[:, -1], seen, sub, cfg)
+    out = jnp.full((b, n), cfg.pad_id, jnp.int32)
+    out, count, seen, done = emit(0, first, done, out, jnp.zeros((b,), jnp.int32), seen)
+
+    def cond(carry):
+        i, _, done, *_ = carry
+        return (i < n) & ~jnp.all(done)
+
+    def body(carry):
+        i, cache, done, out, count, seen, key = carry
+        prev = jax.lax.dynamic_slice_in_dim(out, i - 1, 1, axis=1)
+        logits, cache = decoder(embeds=decoder.embed(prev), positions=(lengths + i - 1)[:, None],
+                                segment_ids=jnp.ones((b, 1), jnp.int32), cache=cache)
+        key, sub = jax.random.split(key)
+        token = next_tokens(logits[:, -1], seen, sub, cfg)
+        out, count, seen, done = emit(i, token, done, out, count, seen)
+        return i + 1, cache, done, out, count, seen, key
+
+    carry = (jnp.ones((), jnp.int32), cache, done, out, count, seen, key)
+    _, _, _, out, count, _, _ = jax.lax.while_loop(cond, body, carry)
+    return out, count
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _generate_elm(graphdef: nnx.GraphDef, cfg: SamplingConfig, state: nnx.State, tokens: jax.Array,
+                  segment_ids: jax.Array, embeddings: jax.Array, done: jax.Array, key: jax.Array):
+    """One padded batch through the ELM: soft tokens spliced at placeholders, then the decode loop."""
+    model = nnx.merge(graphdef, state)
+    x = model.input_embeddings(tokens, embeddings)
+    return _decode_loop(model.decoder, x, tokens, segment_ids, done, key, cfg)
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _generate_llama(graphdef: nnx.GraphDef, cfg: SamplingConfig, state: nnx.State, tokens: jax.Array,
+                    embeds: jax.Array | None, key: jax.Array):
+    """One unpadded batch through the bare decoder (token embeddings, or the given input embeddings)."""
+    decoder = nnx.merge(graphdef, state)
+    x = decoder.embed(tokens) if embeds is None else embeds.astype(jnp.dtype(decoder.config.dtype))
+    b, t = tokens.shape
+    return _decode_loop(decoder, x, tokens, jnp.ones((b, t), jnp.int32), jnp.zeros((b,), bool), key, cfg)
+
+
+def _pow2(n: int, minimum: int = 1) -> int:
+    """The smallest power of two >= max(n, minimum)."""
+    b = 1
+    while b < max(n, minimum):
+        b *= 2
+    return b
+
+
+def _as_key(rng: jax.Array | int | None) -> jax.Array:
+    """A PRNG key from a key, a seed or None (seed 0)."""
+    if rng is None or isinstance(rng, (int, np.integer)):
+        return jax.random.key(int(rng or 0))
+    return rng
+
+
+def check_inputs(model: ELM, prompts: Sequence[Sequence[int]], embeddings: Sequence[np.ndarray],
+                 max_new_tokens: int) -> list[np.ndarray]:
+    """Validates prompts against their embeddings; float32 (n_i, d) arrays, or ValueError naming the problem."""
+    if len(prompts) != len(embeddings):
+        raise ValueError(f"{len(prompts)} prompts but {len(embeddings)} embedding sets; give one (n_i, d) array "
+                         "per prompt (n_i = its placeholder count, may be 0).")
+    d = model.adapter.domain_dim
+    limit = model.decoder.config.max_position_embeddings
+    out = []
+    for i, (p, e) in enumerate(zip(prompts, embeddings)):
+        e = np.asarray(e, np.float32)
+        if e.ndim == 1:
+            e = e[None]
+        if e.ndim != 2 or (e.size and e.shape[1] != d):
+            raise ValueError(f"prompt {i}: embeddings have shape {e.shape}; the model's adapter takes (n, {d}).")
+        if not np.isfinite(e).all():
+            raise ValueError(f"prompt {i}: embeddings contain NaN or inf.")
+        if not len(p):
+            raise ValueError(f"prompt {i} is empty.")
+        slots = sum(1 for tok in p if tok == model.placeholder_id)
+        if slots != e.shape[0]:
+            raise ValueError(f"prompt {i} has {slots} placeholder tokens (id {model.placeholder_id}) but "
+                             f"{e.shape[0]} embeddings; each placeholder takes one embedding, in order.")
+        if len(p) + max_new_tokens > limit:
+            raise ValueError(f"prompt {i}: {len(p)} tokens + max_new_tokens={max_new_tokens} exceed the decoder's "
+                             f"max_position_embeddings={limit}.")
+        out.append(e.reshape(e.shape[0], d))
+    return out
+
+
+def generate(model: ELM, prompts: Sequence[Sequence[int]], embeddings: Sequence[np.ndarray],
+             config: SamplingConfig, rng: jax.Array | int | None = None) -> list[list[int]]:
+    """New token ids per prompt (up to and including the first stop id); embeddings[i] (n_i, d) fill prompt i's
+    placeholders in order. Same inputs, config and rng give the same outputs."""
+    embeddings = check_inputs(model, prompts, embeddings, config.max_new_tokens)
+    if not prompts:
+        return []
+    key = _as_key(rng)
+    graphdef, state = nnx.split(model)
+    d = model.adapter.domain_dim
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    results: list[list[int]] = [[] for _ in prompts]
+    for batch_index, start in enumerate(range(0, len(order), config.batch_size)):
+        rows = order[start:start + config.batch_size]
+        b = _pow2(len(rows))
+        t = _pow2(max(len(prompts[i]) for i in rows), MIN_LENGTH_BUCKET)
+        e = _pow2(max(max(embeddings[i].shape[0] for i in rows), 1))
+        tokens = np.full((b, t), config.pad_id, np.int32)
+        segments = np.zeros((b, t), np.int32)
+        emb = np.zeros((b, e, d), np.float32)
+        done = np.ones((b,), bool)
+        tokens[:, -1], segments[:, -1] = config.pad_id, 1  # dummy rows: one real token, done from the start
+        for j, i in enumerate(rows):
+            p = prompts[i]
+            tokens[j, t - len(p):] = p
+            segments[j, t - len(p):] = 1
+            emb[j, : embeddings[i].shape[0]] = embeddings[i]
+            done[j] = False
+        out, count = _generate_elm(graphdef, config, state, tokens, segments, emb, done,
+                                   jax.random.fold_in(key, batch_index))
+        out, count = np.asarray(out), np.asarray(count)
+        for j, i in enumerate(rows):
+            results[i] = out[j, : count[j]].tolist()
+    return results
 
 
 def greedy_decode(
     model: Llama, prompt_ids: Sequence[int], max_new_tokens: int, eos_ids: Sequence[int] = (),
     embeds: jax.Array | np.ndarray | None = None,
 ) -> list[int]:
-    """Greedy continuation of one prompt: the new token ids, up to and including the first of `eos_ids`.
+    """Greedy continuation of one prompt by the bare decoder: the new ids, up to and including the first of `eos_ids`.
 
     `embeds` (T, hidden) or (1, T, hidden), if given, replaces the prompt's input embeddings (soft tokens);
     `prompt_ids` still sets the prompt length.
     """
     if not prompt_ids or max_new_tokens <= 0:
         return []
-    cfg = model.config
-    graphdef, state = nnx.split(model)
+    cfg = SamplingConfig(max_new_tokens=max_new_tokens, stop_ids=tuple(eos_ids), batch_size=1)
     tokens = jnp.asarray([list(prompt_ids)], jnp.int32)
     if embeds is not None:
-        embeds = jnp.asarray(embeds).reshape(1, len(prompt_ids), cfg.hidden_size)
-    cache = init_cache(cfg, 1, len(prompt_ids) + max_new_tokens, jnp.dtype(cfg.dtype))
-    token, cache = _next_token(graphdef, state, tokens, embeds, cache)
-    out: list[int] = []
-    stop = set(eos_ids)
-    while True:
-        out.append(int(token[0]))
-        if out[-1] in stop or len(out) == max_new_tokens:
-            return out
-        token, cache = _next_token(graphdef, state, token[:, None], None, cache)
+        embeds = jnp.asarray(embeds).reshape(1, len(prompt_ids), model.config.hidden_size)
+    graphdef, state = nnx.split(model)
+    out, count = _generate_llama(graphdef, cfg, state, tokens, embeds, jax.random.key(0))
+    return np.asarray(out)[0, : int(count[0])].tolist()

@@ -88,7 +88,7 @@ def test_pooling_matches_sentence_transformers(tmp_path, pooling, normalize):
     got = enc.encode(texts, batch_size=4)
     assert got.dtype == np.float32 and got.shape == (len(texts), 32)
     np.testing.assert_allclose(got, want, atol=2e-5)
-    # lengths bucket to 16/32/40 and batches to 1/2/4 rows: one compile per bucket pair used, none on a rerun
+    # lengths bucket to 32/40 (max_length) and batches to 1/2/4 rows: one compile per bucket pair used, none on a rerun
     compiled = enc.compiled_shapes
     np.testing.assert_array_equal(enc.encode(texts, batch_size=4), got)
     assert enc.compiled_shapes == compiled <= 4
@@ -97,7 +97,7 @@ def test_pooling_matches_sentence_transformers(tmp_path, pooling, normalize):
 def test_buckets():
     enc = SentenceEncoder.__new__(SentenceEncoder)
     enc.max_length, enc.mesh = 256, None
-    assert [enc.length_bucket(n) for n in (1, 16, 17, 200, 256)] == [16, 16, 32, 256, 256]
+    assert [enc.length_bucket(n) for n in (1, 32, 33, 200, 256)] == [32, 32, 64, 224, 256]
     assert [enc.batch_bucket(n, 64) for n in (1, 3, 64)] == [1, 4, 64]
     enc.mesh = type("FakeMesh", (), {"size": 8})()
     assert [enc.batch_bucket(n, 64) for n in (1, 9, 60)] == [8, 16, 64]

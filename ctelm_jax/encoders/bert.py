@@ -30,7 +30,7 @@ from ctelm_jax.weights.hf import CheckpointError, Tensors, read_config, read_ten
 BERT_MODEL_TYPES = ("bert",)
 # HF tensors a BERT checkpoint may carry that the encoder does not use (buffers, pooler and pretraining heads).
 IGNORED_PREFIXES = ("pooler.", "cls.", "embeddings.position_ids")
-MIN_LENGTH_BUCKET = 16
+LENGTH_STEP = 32  # padded lengths are multiples of this (capped at max_length): few compiles, little padding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,7 +303,7 @@ def _forward(graphdef: nnx.GraphDef, pooling: str, normalize: bool, state: nnx.S
 class SentenceEncoder:
     """Texts -> float32 sentence embeddings, matching sentence-transformers on the same folder.
 
-    Batches are padded to fixed buckets (lengths 16, 32, ... up to `max_length`; batch sizes powers of two up to
+    Batches are padded to fixed buckets (lengths 32, 64, 96, ... up to `max_length`; batch sizes powers of two up to
     `batch_size`, multiples of the mesh size) so the jitted forward compiles a few times only. With a `mesh`, each
     batch is split over all its devices (data parallel) and the parameters are replicated.
     """
@@ -370,10 +370,7 @@ class SentenceEncoder:
 
     def length_bucket(self, n: int) -> int:
         """The padded length for a batch whose longest text has n tokens."""
-        b = MIN_LENGTH_BUCKET
-        while b < n:
-            b *= 2
-        return min(b, self.max_length)
+        return min(-(-max(n, 1) // LENGTH_STEP) * LENGTH_STEP, self.max_length)
 
     def batch_bucket(self, n: int, batch_size: int) -> int:
         """The padded batch size for n texts: a power of two up to `batch_size`, a multiple of the shard count."""

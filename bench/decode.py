@@ -1,0 +1,91 @@
+"""Decode throughput of ctelm_jax's `generate` against Hugging Face `generate` on the same model and soft-token prompts.
+
+    .venv/bin/python bench/decode.py [--batch_sizes=1,16] [--new_tokens=128] [--reps=3]
+
+Model: the default ELM at initialisation (the pretrained SmolLM2-135M-Instruct decoder, as converted into
+`weights.default.default_decoder_dir()`, plus a fresh adapter); throughput does not depend on the weights. Prompts:
+the `describe` prompt with one soft token, from random unit embeddings. The same input embeddings (the adapter's soft
+token spliced in by ctelm_jax) go to `LlamaForCausalLM.generate(inputs_embeds=...)`. Both decode greedily in float32
+and are forced to produce exactly `new_tokens` (no stop ids for ctelm_jax, `min_new_tokens` for HF). Time to first
+token = a 1-token generate (prefill + first sample). Runs alternate between the two, after one untimed warm-up each
+(ctelm_jax compiles then); medians over `reps`.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from absl import app, flags
+from transformers import LlamaForCausalLM
+
+from configs.default import get_config
+from ctelm_jax.eval import prompts
+from ctelm_jax.generate import SamplingConfig, generate
+from ctelm_jax.models.build import build_elm, decoder_dir, load_tokenizer
+
+_BATCHES = flags.DEFINE_list("batch_sizes", ["1", "16"], "Batch sizes to time.")
+_NEW = flags.DEFINE_integer("new_tokens", 128, "New tokens per sequence.")
+_REPS = flags.DEFINE_integer("reps", 3, "Timed repetitions per framework and setting.")
+
+
+def _time(fn) -> float:
+    """Wall seconds of one call."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main(argv: Sequence[str]) -> None:
+    """Builds both models, checks they agree, times batch sizes x (throughput, first token), prints medians."""
+    del argv
+    config = get_config()
+    tokenizer = load_tokenizer(config.model)
+    model = build_elm(config.model, tokenizer)
+    hf = LlamaForCausalLM.from_pretrained(str(decoder_dir(config.model)), torch_dtype=torch.float32).eval()
+    prompt = prompts.describe_prompt(tokenizer)
+    rng = np.random.default_rng(0)
+    print(f"cpu cores: {os.cpu_count()}, torch threads: {torch.get_num_threads()}, jax: {jax.default_backend()}, "
+          f"load average: {os.getloadavg()[0]:.1f}; prompt {len(prompt)} tokens, {_NEW.value} new tokens")
+    for batch in (int(b) for b in _BATCHES.value):
+        vectors = rng.standard_normal((batch, 1, int(config.model.domain_dim))).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=-1, keepdims=True)
+        tokens = jnp.asarray([prompt] * batch, jnp.int32)
+        embeds = torch.from_numpy(np.asarray(model.input_embeddings(tokens, jnp.asarray(vectors))))
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long)
+
+        def ours(n: int) -> list[list[int]]:
+            return generate(model, [prompt] * batch, list(vectors), SamplingConfig(max_new_tokens=n, batch_size=batch))
+
+        def theirs(n: int) -> list[list[int]]:
+            with torch.inference_mode():
+                out = hf.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                  do_sample=False, pad_token_id=tokenizer.pad_id)
+            return out[:, -n:].tolist()
+
+        a, b = ours(_NEW.value), theirs(_NEW.value)  # warm-up (compiles ctelm_jax) and agreement check
+        ours(1)
+        agree = np.mean([x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb)])
+        times: dict[str, list[float]] = {k: [] for k in ("ours", "theirs", "ours_first", "theirs_first")}
+        for _ in range(_REPS.value):
+            times["ours"].append(_time(lambda: ours(_NEW.value)))
+            times["theirs"].append(_time(lambda: theirs(_NEW.value)))
+            times["ours_first"].append(_time(lambda: ours(1)))
+            times["theirs_first"].append(_time(lambda: theirs(1)))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        tok = batch * _NEW.value
+        print(f"batch {batch:2d}: ctelm_jax {tok / med['ours']:7.1f} tok/s (first token {med['ours_first'] * 1e3:6.0f} "
+              f"ms) | transformers {tok / med['theirs']:7.1f} tok/s (first token {med['theirs_first'] * 1e3:6.0f} ms)"
+              f" | speed ratio {med['theirs'] / med['ours']:.2f}x, first-token ratio "
+              f"{med['theirs_first'] / med['ours_first']:.2f}x | greedy tokens agreeing: {agree:.1%} | "
+              f"runs (s): ours {[round(t, 2) for t in times['ours']]}, theirs {[round(t, 2) for t in times['theirs']]}")
+
+
+if __name__ == "__main__":
+    app.run(main)

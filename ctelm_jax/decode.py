@@ -1,0 +1,242 @@
+"""Decode text from trial embeddings with a trained run: describe, compare, ask, interpolate, move along a concept.
+
+    python -m ctelm_jax.decode --workdir=runs/default --mode=describe --nctids=NCT00000102,NCT00000104
+    python -m ctelm_jax.decode --workdir=runs/default --mode=describe --texts="Phase: phase 2 ..." --texts="..."
+    python -m ctelm_jax.decode --workdir=runs/default --mode=compare --npy=two_vectors.npy
+    python -m ctelm_jax.decode --workdir=runs/default --mode=ask --nctids=NCT00000102 \
+        --question="What ages can enroll in the trial {E}?"
+    python -m ctelm_jax.decode --workdir=runs/default --mode=interpolate --nctids=NCT00000102,NCT00000104 --steps=5
+    python -m ctelm_jax.decode --workdir=runs/default --mode=concept --concept=age --strengths=-1,-0.5,0,0.5,1 \
+        --nctids=NCT00000102
+
+Inputs come from exactly one of `--texts` (embedded with the run's encoder), `--npy` ((n, d) or (d,) float array)
+or `--nctids` (rows of the run's corpus embeddings). Results are printed and, with `--out`, written as JSONL (one
+object per decoded text: mode, inputs, setting, prompt, text, parsed fields).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from absl import app, flags, logging
+
+from ctelm_jax import concepts as concepts_lib
+from ctelm_jax.data import render
+from ctelm_jax.eval import prompts
+from ctelm_jax.generate import SamplingConfig
+from ctelm_jax.models.elm import ELM
+from ctelm_jax.weights.tokenizer import Tokenizer
+
+MODES = ("describe", "compare", "ask", "interpolate", "concept")
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One prompt to decode: its embeddings, where they came from and the setting that made them."""
+
+    inputs: tuple[str, ...]
+    prompt: list[int]
+    vectors: np.ndarray  # (k, d), one row per placeholder
+    setting: dict[str, Any]
+
+
+def check_vectors(array: np.ndarray, dim: int, source: str) -> np.ndarray:
+    """`array` as float32 (n, dim) after checking shape and values; warns on vectors that are not unit length."""
+    array = np.asarray(array)
+    if array.ndim == 1:
+        array = array[None]
+    if array.ndim != 2 or array.shape[1] != dim or array.shape[0] == 0:
+        raise ValueError(f"{source}: embeddings of shape {array.shape}; this model takes (n, {dim}) with n >= 1.")
+    if not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"{source}: embeddings are {array.dtype}; expected floating point.")
+    bad = np.flatnonzero(~np.isfinite(array).all(axis=1))
+    if bad.size:
+        raise ValueError(f"{source}: embedding rows {bad[:5].tolist()} contain NaN or inf.")
+    norms = np.linalg.norm(array, axis=1)
+    if (norms == 0).any():
+        raise ValueError(f"{source}: embedding rows {np.flatnonzero(norms == 0)[:5].tolist()} are zero vectors.")
+    if np.abs(norms - 1).max() > 1e-2:
+        logging.warning("%s: embeddings have norms %.3f..%.3f; the model was trained on unit vectors.", source,
+                        norms.min(), norms.max())
+    return array.astype(np.float32)
+
+
+def vectors_from_npy(path: str | Path, dim: int) -> tuple[list[str], np.ndarray]:
+    """(labels, vectors) of a .npy file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--npy={path}: no such file.")
+    vectors = check_vectors(np.load(path, allow_pickle=False), dim, str(path))
+    return [f"{path.name}[{i}]" for i in range(len(vectors))], vectors
+
+
+def vectors_from_nctids(nctids: Sequence[str], ids: Sequence[str], embeddings: np.ndarray,
+                        source: str) -> tuple[list[str], np.ndarray]:
+    """(labels, vectors) of NCT ids looked up in a corpus' (ids, embeddings)."""
+    wanted = [n.strip().upper() for n in nctids if n.strip()]
+    if not wanted:
+        raise ValueError("--nctids is empty; give one or more NCT ids, e.g. --nctids=NCT00000102,NCT00000104.")
+    row = {n.upper(): i for i, n in enumerate(ids)}
+    missing = [n for n in wanted if n not in row]
+    if missing:
+        raise ValueError(f"NCT ids {missing[:5]} are not in {source} ({len(ids)} trials); check the ids or embed "
+                         "the trials' text with --texts.")
+    return wanted, embeddings[[row[n] for n in wanted]]
+
+
+def make_jobs(mode: str, tokenizer: Tokenizer, labels: Sequence[str], vectors: np.ndarray, *, question: str = "",
+              steps: int = 5, strengths: Sequence[float] = (), concept: concepts_lib.Concept | None = None
+              ) -> list[Job]:
+    """The prompts `mode` decodes for the given input vectors (see the module docstring)."""
+    labels, n = list(labels), len(vectors)
+
+    def need(count: int) -> None:
+        if n != count:
+            raise ValueError(f"--mode={mode} takes exactly {count} embeddings; got {n} ({labels}).")
+
+    if mode == "describe":
+        return [Job((lab,), prompts.describe_prompt(tokenizer), v[None], {}) for lab, v in zip(labels, vectors)]
+    if mode == "compare":
+        need(2)
+        return [Job(tuple(labels), prompts.compare_prompt(tokenizer), vectors, {})]
+    if mode == "ask":
+        if not question.strip():
+            raise ValueError("--mode=ask needs --question, e.g. --question='What phase is the trial {E}?'")
+        prompt = prompts.instruction_prompt(tokenizer, question)
+        k = prompts.slots(tokenizer, prompt)
+        if k == 1:
+            return [Job((lab,), prompt, v[None], {"question": question}) for lab, v in zip(labels, vectors)]
+        need(k)
+        return [Job(tuple(labels), prompt, vectors, {"question": question})]
+    if mode == "interpolate":
+        need(2)
+        if steps < 2:
+            raise ValueError(f"--steps={steps}; interpolation needs at least 2 points (the two ends).")
+        jobs = []
+        for t in np.linspace(0.0, 1.0, steps):
+            v = (1.0 - t) * vectors[0] + t * vectors[1]
+            norm = np.linalg.norm(v)
+            if norm == 0:
+                raise ValueError("the two embeddings are opposite; their interpolation passes through zero.")
+            jobs.append(Job(tuple(labels), prompts.describe_prompt(tokenizer), (v / norm)[None].astype(np.float32),
+                            {"t": round(float(t), 4)}))
+        return jobs
+    if mode == "concept":
+        if concept is None:
+            raise ValueError("--mode=concept needs --concept (a name saved with the run, e.g. age, pediatric, sex).")
+        if not strengths:
+            raise ValueError("--mode=concept needs --strengths, e.g. --strengths=-1,-0.5,0,0.5,1.")
+        return [Job((lab,), prompts.describe_prompt(tokenizer), concepts_lib.apply(v, concept.vector, s)[None],
+                    {"concept": concept.name, "strength": float(s)}) for lab, v in zip(labels, vectors)
+                for s in strengths]
+    raise ValueError(f"unknown --mode={mode!r}; choose one of {MODES}.")
+
+
+def decode_jobs(model: ELM, tokenizer: Tokenizer, jobs: Sequence[Job], config: SamplingConfig,
+                seed: int = 0) -> list[dict[str, Any]]:
+    """Decodes every job; one result dict per job (inputs, setting, text, parsed fields or None)."""
+    texts = prompts.decode_texts(model, tokenizer, [j.prompt for j in jobs], [j.vectors for j in jobs], config, seed)
+    out = []
+    for job, text in zip(jobs, texts):
+        parsed = render.parse_text(text)
+        out.append({"inputs": list(job.inputs), **job.setting, "prompt": tokenizer.decode(job.prompt, False),
+                    "text": text, "fields": None if parsed is None else dataclasses.asdict(parsed)})
+    return out
+
+
+def readable(mode: str, result: dict[str, Any]) -> str:
+    """A result as a short header line and its text."""
+    setting = ", ".join(f"{k}={result[k]}" for k in ("question", "t", "concept", "strength") if k in result)
+    return f"=== {mode}: {' + '.join(result['inputs'])}{f' ({setting})' if setting else ''}\n{result['text']}\n"
+
+
+def define_flags() -> None:
+    """Defines the CLI's flags (only when run as a program)."""
+    flags.DEFINE_string("workdir", None, "Run directory (config.json + checkpoints/).", required=True)
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+    flags.DEFINE_enum("mode", "describe", MODES, "What to decode.")
+    flags.DEFINE_multi_string("texts", [], "Trial texts to embed with the run's encoder (repeat the flag).")
+    flags.DEFINE_string("npy", "", ".npy file of embeddings, (n, d) or (d,).")
+    flags.DEFINE_list("nctids", None, "NCT ids of trials in the run's corpus.")
+    flags.DEFINE_string("question", "", "ask: the question, with {E} (or <|embedding|>) where each trial goes.")
+    flags.DEFINE_integer("steps", 5, "interpolate: number of points from the first to the second embedding.")
+    flags.DEFINE_string("concept", "", "concept: the concept's name (saved with the run: age, pediatric, sex).")
+    flags.DEFINE_list("strengths", ["-1", "-0.5", "0", "0.5", "1"], "concept: strengths to move by.")
+    flags.DEFINE_string("out", "", "Write the results as JSONL here.")
+    flags.DEFINE_integer("max_new_tokens", 192, "Token budget per text.")
+    flags.DEFINE_float("temperature", 0.0, "Sampling temperature (0: greedy).")
+    flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1: off).")
+    flags.DEFINE_float("repetition_penalty", 1.0, "HF-style repetition penalty (1: off; OpenELM uses 1.2).")
+    flags.DEFINE_integer("batch_size", 16, "Decoding batch size.")
+    flags.DEFINE_integer("seed", 0, "Sampling seed.")
+
+
+def _input_vectors(f: flags.FlagValues, workdir: Path, config: Any,
+                   tokenizer: Tokenizer) -> tuple[list[str], np.ndarray]:
+    """(labels, vectors) from whichever of --texts / --npy / --nctids was given."""
+    dim = int(config.model.domain_dim)
+    given = [name for name, v in (("--texts", f.texts), ("--npy", f.npy), ("--nctids", f.nctids is not None)) if v]
+    if len(given) != 1:
+        raise app.UsageError(f"give exactly one input source of --texts, --npy, --nctids (got {given or 'none'}).")
+    if f.npy:
+        return vectors_from_npy(f.npy, dim)
+    if f.texts:
+        from ctelm_jax.eval.suite import run_encoder
+
+        encode, note = run_encoder(config)
+        if encode is None:
+            raise ValueError(f"cannot embed --texts: {note}.")
+        vectors = check_vectors(encode(f.texts), dim, "encoded --texts")
+        return [t[:40] + ("..." if len(t) > 40 else "") for t in f.texts], vectors
+    from ctelm_jax.train.inputs import load_splits
+
+    splits = load_splits(config, workdir, tokenizer)
+    ids = [r["nctid"] for s in splits.values() for r in s.records]
+    embeddings = np.concatenate([s.embeddings for s in splits.values()])
+    return vectors_from_nctids(f.nctids, ids, embeddings, f"{workdir}'s corpus")
+
+
+def main(argv: list[str]) -> None:
+    """Runs `decode`; bad inputs end the program with their message instead of a traceback."""
+    del argv
+    try:
+        decode(flags.FLAGS)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"ctelm_jax.decode: error: {e}") from e
+
+
+def decode(f: flags.FlagValues) -> None:
+    """Loads the run, builds the prompts of --mode, decodes, prints and writes the results."""
+    from ctelm_jax.trained import load_trained
+
+    workdir = Path(f.workdir)
+    concept = None
+    if f.mode == "concept":
+        saved = concepts_lib.load(workdir)
+        if f.concept not in saved:
+            raise ValueError(f"--concept={f.concept!r} is not saved with {workdir}; saved: {sorted(saved)}.")
+        concept = saved[f.concept]
+    model, tokenizer, config, step = load_trained(workdir, f.step)
+    labels, vectors = _input_vectors(f, workdir, config, tokenizer)
+    jobs = make_jobs(f.mode, tokenizer, labels, vectors, question=f.question, steps=f.steps,
+                     strengths=[float(s) for s in f.strengths], concept=concept)
+    config_s = prompts.sampling_config(tokenizer, f.max_new_tokens, f.batch_size, f.temperature, f.top_p,
+                                       f.repetition_penalty)
+    results = decode_jobs(model, tokenizer, jobs, config_s, f.seed)
+    for r in results:
+        print(readable(f.mode, r))
+    if f.out:
+        Path(f.out).parent.mkdir(parents=True, exist_ok=True)
+        with open(f.out, "w") as out:
+            for r in results:
+                out.write(json.dumps({"mode": f.mode, "workdir": str(workdir), "step": step, **r}) + "\n")
+        print(f"wrote {len(results)} results to {f.out}")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -1,0 +1,172 @@
+"""Scoring of decoded answers: attribute accuracy, concept responsiveness curves, and novel (off-corpus) vectors."""
+
+from __future__ import annotations
+
+import re
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from ctelm_jax import concepts as concepts_lib
+from ctelm_jax.data import render
+from ctelm_jax.data.render import TrialFields
+
+EVAL_ATTRIBUTES: tuple[str, ...] = ("phase", "conditions", "ages", "sex")
+AGE_OPEN_LOW, AGE_OPEN_HIGH = 0.0, 100.0  # open ends of an age range, for the age score
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# attributes
+
+def normalise(text: str) -> str:
+    """Lower case, whitespace collapsed, outer whitespace and a final period dropped."""
+    return re.sub(r"\s+", " ", text).strip().rstrip(".").strip().lower()
+
+
+def _items(text: str) -> set[str]:
+    """The items of a '; '-separated answer, normalised."""
+    return {normalise(x) for x in text.split(";") if normalise(x)}
+
+
+def score_answer(attribute: str, answer: str, truth: str) -> dict[str, bool]:
+    """{"exact": answer equals the truth (normalised; ages compared as parsed ranges), "overlap": for lists, at least
+    one item shared (else the same as exact)}."""
+    if attribute == "ages":
+        parsed, true = render.parse_ages(normalise(answer)), render.parse_ages(normalise(truth))
+        exact = parsed is not None and parsed == true
+    else:
+        exact = normalise(answer) == normalise(truth)
+    overlap = bool(_items(answer) & _items(truth)) if attribute in ("conditions", "interventions") else exact
+    return {"exact": exact, "overlap": overlap}
+
+
+def attribute_accuracy(answers: Mapping[str, Sequence[str]], truths: Mapping[str, Sequence[str]],
+                       majority: Mapping[str, str] | None = None) -> dict[str, dict[str, float]]:
+    """Per attribute: share exact, share overlapping, count, and (if given) the majority answer's exact share."""
+    out = {}
+    for attribute, predicted in answers.items():
+        true = truths[attribute]
+        scores = [score_answer(attribute, a, t) for a, t in zip(predicted, true)]
+        row = {"exact": float(np.mean([s["exact"] for s in scores])),
+               "overlap": float(np.mean([s["overlap"] for s in scores])), "n": len(scores)}
+        if majority is not None:
+            row["majority"] = float(np.mean([score_answer(attribute, majority[attribute], t)["exact"] for t in true]))
+        out[attribute] = row
+    return out
+
+
+def majority_answers(fields: Sequence[TrialFields], attributes: Sequence[str] = EVAL_ATTRIBUTES) -> dict[str, str]:
+    """The most common true answer per attribute (the trivial baseline)."""
+    from ctelm_jax.data.tasks import attribute_answer
+
+    out = {}
+    for attribute in attributes:
+        values, counts = np.unique([attribute_answer(f, attribute) for f in fields], return_counts=True)
+        out[attribute] = str(values[np.argmax(counts)])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# concept responsiveness
+
+_AGES_LINE = re.compile(r"^Ages: (.*)$", re.M)
+_SEX_LINE = re.compile(r"^Sex: (.*)$", re.M)
+
+
+def extract_fields(text: str) -> TrialFields | None:
+    """`render.parse_text` of a decoded text, or, for a cut or malformed one, the age range and sex from its "Ages:"
+    and "Sex:" lines (other fields empty); None if neither line parses."""
+    parsed = render.parse_text(text)
+    if parsed is not None:
+        return parsed
+    ages_m, sex_m = _AGES_LINE.search(text), _SEX_LINE.search(text)
+    ages = render.parse_ages(ages_m.group(1)) if ages_m else None
+    sex = sex_m.group(1).strip() if sex_m else None
+    if ages is None or sex not in render.SEXES:
+        return None
+    return TrialFields(nctid="", phase="", status="", conditions=(), interventions=(), min_age=ages[0],
+                       max_age=ages[1], sex=sex, inclusion=(), exclusion=())
+
+
+def age_score(f: TrialFields) -> float:
+    """Midpoint of the stated age range in years, open ends at 0 and 100 ("not stated" -> 50)."""
+    lo = AGE_OPEN_LOW if f.min_age is None else f.min_age
+    hi = AGE_OPEN_HIGH if f.max_age is None else f.max_age
+    return (lo + hi) / 2
+
+
+def sex_score(f: TrialFields) -> float:
+    """women only +1, all 0, men only -1."""
+    return {"female": 1.0, "all": 0.0, "male": -1.0}[f.sex]
+
+
+# concept -> (score, sign: the score's direction when the concept strengthens)
+CURVE_SCORES = {"age": (age_score, 1.0), "pediatric": (age_score, -1.0), "sex": (sex_score, 1.0)}
+
+
+def concept_curve(concept: str, strengths: Sequence[float], texts: Mapping[float, Sequence[str]]) -> dict:
+    """How decoded texts respond to moving their embeddings along a built-in concept.
+
+    `texts[s][i]` is trial i decoded at strength s (0 included). Per strength: `parsed` share with an age range and
+    sex; `toward` / `away` shares whose score moved in / against the concept's direction relative to strength 0
+    (unparsed texts count as not moved); `net` = toward - away; `positive` / `negative` shares falling in the
+    concept's two defining groups; `mean_score` (concept-signed). `shape`: "monotone" if net never decreases with
+    strength (and changes), "flat" if it does not change, else "not monotone".
+    """
+    if concept not in CURVE_SCORES:
+        raise ValueError(f"no response curve for concept {concept!r}; built-in: {sorted(CURVE_SCORES)}")
+    if 0.0 not in texts:
+        raise ValueError("concept curves compare with strength 0; include 0 in the strengths.")
+    score, sign = CURVE_SCORES[concept]
+    positive_fn, negative_fn, _ = concepts_lib.BUILTIN[concept]
+    base = [extract_fields(t) for t in texts[0.0]]
+    rows = []
+    for s in strengths:
+        fields = [extract_fields(t) for t in texts[s]]
+        moves = [np.sign(sign * (score(f) - score(b))) if f is not None and b is not None else 0.0
+                 for f, b in zip(fields, base)]
+        ok = [f for f in fields if f is not None]
+        n = len(fields)
+        rows.append({
+            "strength": float(s), "parsed": len(ok) / n,
+            "toward": sum(m > 0 for m in moves) / n, "away": sum(m < 0 for m in moves) / n,
+            "net": float(np.mean(moves)),
+            "positive": sum(bool(positive_fn(f)) for f in ok) / n,
+            "negative": sum(bool(negative_fn(f)) for f in ok) / n,
+            "mean_score": float(np.mean([sign * score(f) for f in ok])) if ok else float("nan"),
+        })
+    nets = [r["net"] for r in sorted(rows, key=lambda r: r["strength"])]
+    if all(a == nets[0] for a in nets):
+        shape = "flat"
+    elif all(a <= b for a, b in zip(nets, nets[1:])):
+        shape = "monotone"
+    else:
+        shape = "not monotone"
+    return {"concept": concept, "n": len(base), "curve": rows, "shape": shape}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# novel vectors
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def gaussian_vectors(embeddings: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """n draws from a Gaussian fitted (mean, full covariance) to `embeddings`, renormalised to unit norm."""
+    e = np.asarray(embeddings, np.float64)
+    draws = rng.multivariate_normal(e.mean(axis=0), np.cov(e, rowvar=False), size=n, method="eigh")
+    return _unit(draws)
+
+
+def midpoint_vectors(embeddings: np.ndarray, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Midpoints of n random pairs of distinct rows, renormalised; (vectors (n, d), pairs (n, 2))."""
+    if len(embeddings) < 2:
+        raise ValueError("midpoints need at least 2 embeddings.")
+    pairs = np.stack([rng.choice(len(embeddings), 2, replace=False) for _ in range(n)])
+    return _unit(embeddings[pairs[:, 0]] + embeddings[pairs[:, 1]]), pairs
+
+
+def well_formed(text: str) -> bool:
+    """Whether a decoded text is a complete canonical trial text (`render.parse_text` succeeds)."""
+    return render.parse_text(text) is not None

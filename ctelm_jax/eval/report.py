@@ -1,0 +1,146 @@
+"""The evaluation report: markdown tables, PNG plots (cosine histogram, concept curves) and all decoded samples."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+COSINE_PNG, CONCEPTS_PNG, REPORT_MD, SAMPLES_JSONL = "cosine_hist.png", "concept_curves.png", "report.md", \
+    "samples.jsonl"
+
+
+def _stat(s: dict[str, float] | None, digits: int = 3) -> str:
+    """'mean ± std' of a metrics.summary, or n/a."""
+    if not s or not s.get("n"):
+        return "n/a"
+    return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
+
+
+def describe_table(results: dict[str, Any]) -> str:
+    """The main table: each system's re-embed cosine, ROUGE-L, BLEU and share of well-formed texts."""
+    lines = ["| system | re-embed cosine | ROUGE-L | BLEU | well-formed |", "|---|---|---|---|---|"]
+    for name, row in results["describe"].items():
+        label = f"ELM (step {results['step']})" if name == "ELM" else name
+        lines.append(f"| {label} | {_stat(row.get('cosine'))} | {_stat(row['rouge_l'])} | {row['bleu']:.1f} | "
+                     f"{row['well_formed']:.0%} |")
+    return "\n".join(lines)
+
+
+def _attribute_table(attributes: dict[str, dict[str, float]]) -> str:
+    lines = ["| attribute | exact | overlap (lists) | majority-answer baseline | n |", "|---|---|---|---|---|"]
+    for name, row in attributes.items():
+        lines.append(f"| {name} | {row['exact']:.0%} | {row['overlap']:.0%} | {row.get('majority', float('nan')):.0%} "
+                     f"| {row['n']} |")
+    return "\n".join(lines)
+
+
+def _concept_table(concepts: dict[str, Any]) -> str:
+    lines = []
+    for name, c in concepts["curves"].items():
+        d = concepts["definitions"][name]
+        lines += [f"**{name}** ({d['description']}; {d['positive']} vs {d['negative']} training trials; "
+                  f"{c['n']} test trials; net shift against strength: {c['shape']})", "",
+                  "| strength | parsed | toward | away | net | in positive group | in negative group | mean score |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in c["curve"]:
+            lines.append(f"| {r['strength']:+.2f} | {r['parsed']:.0%} | {r['toward']:.0%} | {r['away']:.0%} | "
+                         f"{r['net']:+.2f} | {r['positive']:.0%} | {r['negative']:.0%} | {r['mean_score']:.2f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _novel_table(novel: dict[str, Any]) -> str:
+    lines = ["| vectors | n | well-formed | re-embed cosine to the vector |", "|---|---|---|---|"]
+    for name, row in novel.items():
+        lines.append(f"| {name} | {row['n']} | {row['well_formed']:.0%} | {_stat(row.get('cosine'))} |")
+    return "\n".join(lines)
+
+
+def plot_cosines(results: dict[str, Any], path: Path) -> bool:
+    """Histogram of re-embed cosines per system; False (nothing written) without cosines."""
+    series = {name: row["cosines"] for name, row in results["describe"].items() if "cosines" in row}
+    if not series:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, values in series.items():
+        ax.hist(values, bins=20, range=(-0.2, 1.0), alpha=0.5, label=name)
+    ax.set_xlabel("cosine(encoder(text), input embedding)")
+    ax.set_ylabel("trials")
+    ax.set_title(f"Re-embed cosine on {results['split']} (step {results['step']})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_concepts(results: dict[str, Any], path: Path) -> bool:
+    """Net shift and group shares against strength, one panel per concept; False without curves."""
+    curves = results["concepts"]["curves"]
+    if not curves:
+        return False
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.6), squeeze=False)
+    for ax, (name, c) in zip(axes[0], curves.items()):
+        s = [r["strength"] for r in c["curve"]]
+        for key, style in (("net", "o-"), ("positive", "s--"), ("negative", "^:")):
+            ax.plot(s, [r[key] for r in c["curve"]], style, label=key)
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set_title(f"{name} ({c['shape']})")
+        ax.set_xlabel("strength")
+        ax.set_ylim(-1.05, 1.05)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def markdown(results: dict[str, Any], cosine_png: bool, concepts_png: bool) -> str:
+    """The report's markdown."""
+    sizes = results["sizes"]
+    parts = [
+        f"# Evaluation of {results['workdir']} (step {results['step']}, {results['split']} split)", "",
+        f"Encoder for re-embedding: {results['encoder']}. Greedy decoding, repetition penalty "
+        f"{sizes['repetition_penalty']}.", "",
+        f"## Describe ({sizes['n_test']} trials, up to {sizes['max_new_tokens']} new tokens)", "",
+        describe_table(results), "",
+        "ELM: the checkpoint. Untrained adapter: the same pretrained decoder with the run's freshly initialised "
+        "adapter and LoRA at initialisation (a no-op), i.e. the model at step 0. Nearest training neighbour: the text "
+        "of the most similar training embedding (retrieval). ROUGE-L / BLEU against the true canonical text; "
+        "well-formed: `render.parse_text` accepts it.", "",
+    ]
+    if cosine_png:
+        parts += [f"![re-embed cosine]({COSINE_PNG})", ""]
+    parts += [f"## Attributes ({sizes['n_attribute']} trials, `attributes` task prompts)", "",
+              _attribute_table(results["attributes"]), "",
+              "## Concept responsiveness", "",
+              f"Concept vectors {results['concepts']['source']}. Each test embedding is moved by strength x vector "
+              "and renormalised, then described. Age score: midpoint of the decoded age range (open ends 0 and 100 "
+              "years); sex score: women +1, all 0, men -1; toward/away: the score moved in/against the concept's "
+              "direction compared with strength 0; net = toward - away.", "",
+              _concept_table(results["concepts"])]
+    if concepts_png:
+        parts += [f"![concept curves]({CONCEPTS_PNG})", ""]
+    parts += ["## Novel vectors", "",
+              "Gaussian: draws from a Gaussian fitted to the training embeddings, renormalised. Midpoint: normalised "
+              "mean of two random training embeddings.", "", _novel_table(results["novel"]), "",
+              "## Time (s)", "", ", ".join(f"{k}: {v}" for k, v in results["timings_s"].items()), ""]
+    return "\n".join(parts)
+
+
+def write(out_dir: Path, results: dict[str, Any], samples: list[dict[str, Any]]) -> str:
+    """Writes report.md, the plots and samples.jsonl into `out_dir`; returns the markdown."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = markdown(results, plot_cosines(results, out_dir / COSINE_PNG),
+                    plot_concepts(results, out_dir / CONCEPTS_PNG))
+    (out_dir / REPORT_MD).write_text(text)
+    with open(out_dir / SAMPLES_JSONL, "w") as f:
+        for s in samples:
+            f.write(json.dumps(s) + "\n")
+    return text

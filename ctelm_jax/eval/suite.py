@@ -1,0 +1,213 @@
+"""The evaluation of a trained run on a held-out split: decodes, scores against baselines, writes the report.
+
+Systems compared on `describe` (decode the trial's text from its embedding):
+  ELM                  the run's checkpoint (adapter + LoRA on the frozen decoder), greedy decoding.
+  untrained adapter    `build_elm(config.model)`: the same pretrained decoder with the freshly initialised adapter the
+                       run started from and LoRA at its initialisation (B = 0, a no-op): the model at step 0. It shows
+                       what the decoder writes from soft tokens it was never taught to read.
+  nearest neighbour    the canonical text of the most cosine-similar training embedding (retrieval, never the trial
+                       itself); strong on re-embed cosine by construction, it says how much generation beats lookup.
+  random training text the canonical text of a random training trial (the floor).
+Re-embed cosine embeds each text as is with the run's frozen encoder (the training target is `render_text`, so a
+decoded text is already in the form the corpus was embedded from) and compares it with the input embedding.
+ROUGE-L and BLEU compare each text with the trial's true `render_text`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from absl import logging
+
+from ctelm_jax import concepts as concepts_lib
+from ctelm_jax.data import render
+from ctelm_jax.data.tasks import attribute_answer
+from ctelm_jax.eval import metrics, probes, prompts, report
+from ctelm_jax.models.build import build_elm
+from ctelm_jax.train.inputs import encoder_dir, load_splits
+from ctelm_jax.trained import load_trained
+
+Encode = Callable[[Sequence[str]], np.ndarray]
+MAJORITY_SAMPLE = 500
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSizes:
+    """How much to decode; the defaults keep the default 135M model's evaluation to a few minutes on 2 CPU cores."""
+
+    n_test: int = 32
+    max_new_tokens: int = 176  # canonical texts: median 135 tokens, 95% <= 164 (160 would cut ~8% of them)
+    batch_size: int = 32
+    n_attribute: int = 32
+    attribute_max_new_tokens: int = 32  # the longest answers (conditions): 95% <= 25 tokens
+    n_concept: int = 6
+    concept_max_new_tokens: int = 72  # the Ages and Sex lines end within 69 tokens for 95% of trials
+    strengths: tuple[float, ...] = (-1.0, -0.5, 0.0, 0.5, 1.0)
+    n_novel: int = 8
+    repetition_penalty: float = 1.0
+    split: str = "test"
+    seed: int = 0
+
+    def __post_init__(self):
+        counts = {k: getattr(self, k) for k in ("n_test", "max_new_tokens", "batch_size", "n_attribute",
+                                                "attribute_max_new_tokens", "n_concept", "concept_max_new_tokens",
+                                                "n_novel")}
+        bad = {k: v for k, v in counts.items() if v < 1}
+        if bad:
+            raise ValueError(f"evaluation sizes must be positive: {bad}")
+
+
+def run_encoder(config: Any) -> tuple[Encode | None, str]:
+    """The run's frozen sentence encoder as a function, or None (with the reason) when the run used random vectors."""
+    if config.data.embeddings == "random":
+        return None, "the run was trained on random embeddings (data.embeddings='random'): no encoder to re-embed with"
+    from ctelm_jax.encoders.bert import SentenceEncoder
+
+    path = encoder_dir(config.data.encoder)
+    encoder = SentenceEncoder.from_dir(path)
+    if encoder.dim != int(config.model.domain_dim):
+        return None, f"encoder {path} gives {encoder.dim}-d vectors but the model takes {config.model.domain_dim}-d"
+    return encoder.encode, f"{path} ({encoder.dim}-d, frozen)"
+
+
+def _pick(n_total: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """n distinct indices (all if fewer), in random order."""
+    return rng.permutation(n_total)[: min(n, n_total)]
+
+
+def evaluate_run(workdir: str | Path, sizes: EvalSizes = EvalSizes(), encode: Encode | None = None,
+                 step: int | None = None) -> str:
+    """Evaluates the run in `workdir`; writes `<workdir>/eval/{report.md, metrics.json, samples.jsonl, *.png}` and
+    returns the report's markdown. `encode` replaces the run's encoder (tests)."""
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = round(now - clock, 2)
+        clock = now
+        logging.info("eval: %s took %.1fs", name, timings[name])
+
+    workdir = Path(workdir)
+    out_dir = workdir / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model, tokenizer, config, trained_step = load_trained(workdir, step)
+    splits = load_splits(config, workdir, tokenizer)
+    if sizes.split not in splits or not splits[sizes.split].records:
+        raise ValueError(f"split {sizes.split!r} is empty or unknown; choose one of {sorted(splits)}.")
+    held_out, train = splits[sizes.split], splits["train"]
+    encoder_note = "given encoder"
+    if encode is None:
+        encode, encoder_note = run_encoder(config)
+    baseline_model = build_elm(config.model, tokenizer)
+    lap("load")
+
+    rng = np.random.default_rng(sizes.seed)
+    rows = _pick(len(held_out.records), sizes.n_test, rng)
+    records = [held_out.records[i] for i in rows]
+    vectors = held_out.embeddings[rows]
+    truths = [render.render_text(r) for r in records]
+    describe = prompts.describe_prompt(tokenizer)
+    cfg = prompts.sampling_config(tokenizer, sizes.max_new_tokens, sizes.batch_size,
+                                  repetition_penalty=sizes.repetition_penalty)
+    singles = [v[None] for v in vectors]
+    texts = {"ELM": prompts.decode_texts(model, tokenizer, [describe] * len(rows), singles, cfg)}
+    lap("describe (ELM)")
+    texts["untrained adapter"] = prompts.decode_texts(baseline_model, tokenizer, [describe] * len(rows), singles, cfg)
+    lap("describe (untrained adapter)")
+    train_ids = [r["nctid"] for r in train.records]
+    nn = metrics.nearest_neighbours(vectors, train.embeddings, [r["nctid"] for r in records], train_ids)
+    texts["nearest training neighbour"] = [render.render_text(train.records[i]) for i in nn]
+    texts["random training text"] = [render.render_text(train.records[i])
+                                     for i in rng.integers(0, len(train.records), len(rows))]
+    systems = {}
+    for name, system_texts in texts.items():
+        row: dict[str, Any] = {"rouge_l": metrics.summary(metrics.rouge_l(system_texts, truths)),
+                               "bleu": metrics.bleu(system_texts, truths),
+                               "well_formed": float(np.mean([probes.well_formed(t) for t in system_texts]))}
+        if encode is not None:
+            cos = metrics.cosine_rows(encode(system_texts), vectors)
+            row["cosine"], row["cosines"] = metrics.summary(cos), [round(float(c), 4) for c in cos]
+        systems[name] = row
+    lap("describe metrics")
+
+    attr_rows = _pick(len(held_out.records), sizes.n_attribute, np.random.default_rng(sizes.seed + 1))
+    attr_fields = [render.fields(held_out.records[i]) for i in attr_rows]
+    attr_cfg = prompts.sampling_config(tokenizer, sizes.attribute_max_new_tokens, sizes.batch_size)
+    jobs = [(a, i) for a in probes.EVAL_ATTRIBUTES for i in range(len(attr_rows))]
+    answers_flat = prompts.decode_texts(
+        model, tokenizer, [prompts.attribute_prompt(tokenizer, a) for a, _ in jobs],
+        [held_out.embeddings[attr_rows[i]][None] for _, i in jobs], attr_cfg)
+    answers = {a: [t for (b, _), t in zip(jobs, answers_flat) if b == a] for a in probes.EVAL_ATTRIBUTES}
+    attr_truths = {a: [attribute_answer(f, a) for f in attr_fields] for a in probes.EVAL_ATTRIBUTES}
+    sample = _pick(len(train.records), MAJORITY_SAMPLE, np.random.default_rng(sizes.seed + 2))
+    majority = probes.majority_answers([render.fields(train.records[i]) for i in sample])
+    attributes = probes.attribute_accuracy(answers, attr_truths, majority)
+    lap("attributes")
+
+    try:
+        concepts = concepts_lib.load(workdir)
+        concepts_note = f"loaded from {workdir / concepts_lib.NPZ}"
+    except FileNotFoundError:
+        concepts = concepts_lib.builtin(train.records, train.embeddings)
+        concepts_lib.save(workdir, concepts, source="train split")
+        concepts_note = f"computed from the training split and saved to {workdir / concepts_lib.NPZ}"
+    lap("concept vectors")
+    curve_concepts = [c for c in concepts.values() if c.name in probes.CURVE_SCORES]
+    strengths = sorted({*map(float, sizes.strengths), 0.0})
+    concept_rows = _pick(len(held_out.records), sizes.n_concept, np.random.default_rng(sizes.seed + 3))
+    base = held_out.embeddings[concept_rows]
+    concept_cfg = prompts.sampling_config(tokenizer, sizes.concept_max_new_tokens, sizes.batch_size,
+                                          repetition_penalty=sizes.repetition_penalty)
+    jobs_c = [(c.name, s) for c in curve_concepts for s in strengths if s != 0.0] + [("", 0.0)]
+    moved = [concepts_lib.apply(base, concepts[c].vector, s) if c else base for c, s in jobs_c]
+    decoded = prompts.decode_texts(model, tokenizer, [describe] * (len(jobs_c) * len(base)),
+                                   [v[None] for m in moved for v in m], concept_cfg)
+    by_job = {job: decoded[k * len(base):(k + 1) * len(base)] for k, job in enumerate(jobs_c)}
+    curves = {c.name: probes.concept_curve(c.name, strengths, {s: by_job[(c.name, s) if s else ("", 0.0)]
+                                                               for s in strengths}) for c in curve_concepts}
+    lap("concept curves")
+
+    novel_rng = np.random.default_rng(sizes.seed + 4)
+    gauss = probes.gaussian_vectors(train.embeddings, sizes.n_novel, novel_rng)
+    mids, pairs = probes.midpoint_vectors(train.embeddings, sizes.n_novel, novel_rng)
+    novel_vectors = np.concatenate([gauss, mids])
+    novel_texts = prompts.decode_texts(model, tokenizer, [describe] * len(novel_vectors),
+                                       [v[None] for v in novel_vectors], cfg)
+    novel_cos = metrics.cosine_rows(encode(novel_texts), novel_vectors) if encode is not None else None
+    novel = {}
+    for name, part in (("gaussian", slice(0, len(gauss))), ("midpoint", slice(len(gauss), None))):
+        novel[name] = {"n": len(novel_texts[part]),
+                       "well_formed": float(np.mean([probes.well_formed(t) for t in novel_texts[part]]))}
+        if novel_cos is not None:
+            novel[name]["cosine"] = metrics.summary(novel_cos[part])
+    lap("novel vectors")
+
+    results = {
+        "workdir": str(workdir), "step": trained_step, "split": sizes.split, "sizes": dataclasses.asdict(sizes),
+        "encoder": encoder_note, "describe": systems, "attributes": attributes, "concepts": {
+            "source": concepts_note, "definitions": {c.name: {"description": c.description, "positive": c.positive,
+                                                              "negative": c.negative} for c in concepts.values()},
+            "curves": curves},
+        "novel": novel, "timings_s": timings,
+    }
+    samples = [{"task": "describe", "system": name, "nctid": r["nctid"], "text": t, "truth": truth}
+               for name, ts in texts.items() for r, t, truth in zip(records, ts, truths)]
+    samples += [{"task": "attributes", "attribute": a, "nctid": held_out.records[attr_rows[i]]["nctid"],
+                 "text": t, "truth": attr_truths[a][i]} for (a, i), t in zip(jobs, answers_flat)]
+    samples += [{"task": "concept", "concept": c, "strength": s, "nctid": held_out.records[concept_rows[i]]["nctid"],
+                 "text": t} for (c, s), ts in by_job.items() for i, t in enumerate(ts)]
+    samples += [{"task": "novel", "kind": "gaussian" if k < len(gauss) else "midpoint",
+                 "pair": None if k < len(gauss) else [train_ids[j] for j in pairs[k - len(gauss)]], "text": t}
+                for k, t in enumerate(novel_texts)]
+    markdown = report.write(out_dir, results, samples)
+    lap("report")
+    results["timings_s"] = timings
+    (out_dir / "metrics.json").write_text(json.dumps(results, indent=1) + "\n")
+    return markdown

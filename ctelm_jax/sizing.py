@@ -1,0 +1,341 @@
+"""Per-device memory and FLOPs of a config's train step on a mesh, without devices or weights; batch recommendation.
+
+`python -m ctelm_jax.sizing --config=configs/X.py [--num_devices=8] [--memory_gib=80] [--xla] [--config.mesh.fsdp=8 ...]`
+
+The model of one step's peak (per device, bytes):
+  parameters         every decoder + adapter parameter, sharded by its logical axes (`parallel.rules`)
+  optimizer          AdamW mu + nu of the stage's trainable groups (adapter / lora / decoder), sharded like them
+  gradients          one gradient per trainable parameter, sharded like it
+  batch              the step's input arrays (this device's rows)
+  saved activations  what the backward pass keeps of each layer, by remat policy (see `saved_bytes_per_token`)
+  transient          the larger of the loss's logits work (XLA keeps 3 f32 (B, T, V/tensor) buffers when the program
+                     is partitioned, 4 on one device) and one layer's backward (its activations, recomputed under remat)
+  gathered weights   fsdp > 1: all-gathered copies of the embedding / LM-head tables and of layer weights (2 layers
+                     with scan_layers; all layers without, as XLA hoists unrolled all-gathers)
+  cast copies        param_dtype != dtype: the decoder's weights in the compute dtype (conservative: TPU may fuse it)
+`tests/test_sizing.py` checks the total against XLA's compiled memory analysis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
+
+from ctelm_jax.models.adapter import Adapter
+from ctelm_jax.models.build import decoder_config
+from ctelm_jax.models.elm import ELM
+from ctelm_jax.models.llama import Constrain, Llama, LlamaConfig, no_constraint
+from ctelm_jax.parallel.mesh import MESH_AXES, resolve_mesh_shape
+from ctelm_jax.parallel.rules import Rules, as_rules, batch_sharding, logical_to_spec, state_shardings
+from ctelm_jax.train.metrics import train_flops_per_token
+from ctelm_jax.train.optimizer import GROUPS, group_of
+
+GiB = 2**30
+BATCH_INT_FIELDS = 6  # tokens, targets, loss_mask, segment_ids, positions, task_ids: 4 bytes per token each
+ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj")
+MLP_IN_TARGETS = ("gate_proj", "up_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamInfo:
+    """One parameter: where it is, its group, its bytes per device (sharded) and after an fsdp all-gather."""
+
+    path: tuple[str, ...]
+    shape: tuple[int, ...]
+    dtype: str
+    group: str
+    device_bytes: int
+    gathered_bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSizing:
+    """Per-device bytes and FLOPs of one curriculum stage's train step."""
+
+    name: str
+    trainable: tuple[str, ...]
+    trainable_params: int
+    optimizer_bytes: int
+    gradient_bytes: int
+    saved_activation_bytes: int
+    transient_bytes: int
+    total_bytes: int
+    flops_per_step: float
+    flops_per_device_step: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizing:
+    """The sizing of a config on a mesh: stage-independent parts, each stage, and the decoding KV cache."""
+
+    mesh: dict[str, int]
+    num_devices: int
+    per_device_batch: int
+    global_batch: int
+    seq_len: int
+    num_params: int
+    param_bytes: int
+    batch_bytes: int
+    gathered_weight_bytes: int
+    cast_copy_bytes: int
+    kv_cache_bytes: int
+    stages: tuple[StageSizing, ...]
+
+    @property
+    def peak_bytes(self) -> int:
+        """The largest stage total: what a device must hold."""
+        return max(s.total_bytes for s in self.stages)
+
+
+def abstract_elm(model_cfg: Mapping[str, Any], constrain: Constrain = no_constraint) -> ELM:
+    """The ELM with ShapeDtypeStruct leaves (nothing allocated, no weights read)."""
+    cfg = decoder_config(model_cfg)
+
+    def build() -> ELM:
+        rngs = nnx.Rngs(0)
+        decoder = Llama(cfg, rngs=rngs, constrain=constrain)
+        adapter = Adapter(int(model_cfg["domain_dim"]), int(model_cfg["adapter_hidden"]), cfg.hidden_size, rngs=rngs,
+                          param_dtype=jnp.dtype(cfg.param_dtype), dtype=jnp.dtype(cfg.dtype))
+        return ELM(decoder, adapter, 0)
+
+    return nnx.eval_shape(build)
+
+
+def _shard_bytes(shape: Sequence[int], itemsize: int, spec: PartitionSpec, mesh_shape: Mapping[str, int],
+                 skip: str | None = None) -> int:
+    """Bytes of the largest shard of an array with this spec (uneven splits round up, as XLA pads)."""
+    total = itemsize
+    for i, dim in enumerate(shape):
+        entry = spec[i] if i < len(spec) else None
+        axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
+        total *= math.ceil(dim / math.prod(mesh_shape[a] for a in axes if a != skip))
+    return total
+
+
+def param_table(model_cfg: Mapping[str, Any], mesh_shape: Mapping[str, int], rules: Rules) -> list[ParamInfo]:
+    """Every parameter of the ELM with its per-device bytes under the logical rules on a mesh of this shape."""
+    mesh = AbstractMesh(tuple(mesh_shape[a] for a in MESH_AXES), MESH_AXES)
+    _, state = nnx.split(abstract_elm(model_cfg))
+    out = []
+    for path, var in nnx.to_flat_state(state):
+        value = var.get_value()
+        spec = logical_to_spec(var.get_metadata().get("out_sharding"), rules, mesh)
+        itemsize = jnp.dtype(value.dtype).itemsize
+        keys = tuple(str(p) for p in path)
+        out.append(ParamInfo(keys, tuple(value.shape), str(value.dtype), group_of(keys),
+                             _shard_bytes(value.shape, itemsize, spec, mesh_shape),
+                             _shard_bytes(value.shape, itemsize, spec, mesh_shape, skip="fsdp")))
+    return out
+
+
+def saved_bytes_per_token(cfg: LlamaConfig, trainable: Sequence[str], seq_len: int, tensor: int) -> int:
+    """Bytes one layer keeps per token for its backward pass (per device, heads / mlp split over `tensor`).
+
+    remat 'none' keeps (measured on XLA): 2 residual-width tensors, q, k, v, 5 SwiGLU intermediates, the attention
+    probabilities (f32 and compute dtype) and per-token norms; plus the inputs of trainable matmuls (LoRA factors or
+    decoder weights) and each LoRA's x @ A. 'full' keeps the layer input; 'dots' the matmul outputs;
+    'dots_no_batch' those without the attention score / value products.
+    """
+    c = jnp.dtype(cfg.dtype).itemsize
+    d, f = cfg.hidden_size, math.ceil(cfg.intermediate_size / tensor)
+    q = math.ceil(cfg.num_heads / tensor) * cfg.head_dim
+    kv = math.ceil(cfg.num_kv_heads / tensor) * cfg.head_dim
+    scores = math.ceil(cfg.num_heads / tensor) * seq_len
+    lora = cfg.lora_targets if (cfg.lora_rank and "lora" in trainable) else ()
+    weights = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj") if "decoder" in trainable \
+        else lora
+    inputs = (d if set(weights) & set(ATTENTION_TARGETS) else 0) + (q if "o_proj" in weights else 0) \
+        + (d if set(weights) & set(MLP_IN_TARGETS) else 0) + (f if "down_proj" in weights else 0)
+    lora_products = c * cfg.lora_rank * len(lora)
+    policy = cfg.remat_policy
+    if policy == "none":
+        return c * (2 * d + q + 2 * kv + 5 * f + inputs) + (4 + c) * scores + 16 + lora_products
+    if policy == "full":
+        return c * d
+    if policy == "dots":
+        return c * (d + 2 * q + 2 * kv + 2 * d + 2 * f) + 4 * scores + lora_products
+    return c * (d + q + 2 * kv + 2 * d + 2 * f) + lora_products
+
+
+def kv_cache_bytes(cfg: LlamaConfig, batch: int, max_len: int, mesh_shape: Mapping[str, int]) -> int:
+    """Per-device bytes of `models.llama.init_cache` for decoding: rows over data x fsdp, kv heads over tensor."""
+    rows = math.ceil(batch / (mesh_shape["data"] * mesh_shape["fsdp"]))
+    heads = math.ceil(cfg.num_kv_heads / mesh_shape["tensor"])
+    return cfg.num_layers * 2 * rows * max_len * heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
+
+
+def size(config: ml_collections.ConfigDict, num_devices: int | None = None,
+         per_device_batch: int | None = None) -> Sizing:
+    """Sizes `config` on its mesh over `num_devices` (default: the devices present), optionally at another batch."""
+    num_devices = jax.device_count() if num_devices is None else num_devices
+    mesh_shape = dict(zip(MESH_AXES, resolve_mesh_shape(dict(config.mesh), num_devices)))
+    rules = as_rules(config.rules)
+    cfg = decoder_config(config.model)
+    params = param_table(config.model, mesh_shape, rules)
+    batch_rows = mesh_shape["data"] * mesh_shape["fsdp"]
+    if per_device_batch is None:
+        per_device_batch = math.ceil(int(config.data.global_batch_size) / batch_rows)
+    seq_len = int(config.data.seq_len)
+    tokens = per_device_batch * seq_len
+    c, p = jnp.dtype(cfg.dtype).itemsize, jnp.dtype(cfg.param_dtype).itemsize
+    tensor, fsdp = mesh_shape["tensor"], mesh_shape["fsdp"]
+
+    param_bytes = sum(x.device_bytes for x in params)
+    batch_bytes = per_device_batch * (seq_len * 4 * BATCH_INT_FIELDS
+                                      + int(config.data.max_embeddings_per_row) * int(config.model.domain_dim) * 4)
+    layer_params = [x for x in params if x.path[:2] == ("decoder", "layers")]
+    layer_gathered = sum(x.gathered_bytes for x in layer_params) // cfg.num_layers
+    table_gathered = max(x.gathered_bytes for x in params if x.path[-1] in ("embed_tokens", "lm_head"))
+    tables = 1 if (cfg.tie_word_embeddings and tensor == 1) else 2
+    gathered = 0 if fsdp == 1 else tables * table_gathered + layer_gathered * (2 if cfg.scan_layers else cfg.num_layers)
+    cast = 0 if c == p else sum(x.device_bytes for x in params if x.group == "decoder") * c // p
+    logits = tokens * math.ceil(cfg.vocab_size / tensor) * 4 * (4 if num_devices == 1 else 3)
+
+    stages = []
+    for stage in config.stages:
+        trainable = tuple(stage["trainable"])
+        unknown = set(trainable) - set(GROUPS)
+        if unknown:
+            raise ValueError(f"stage {stage['name']!r}: unknown trainable groups {sorted(unknown)}; choose from {GROUPS}.")
+        train = [x for x in params if x.group in trainable]
+        train_bytes = sum(x.device_bytes for x in train)
+        saved = cfg.num_layers * tokens * saved_bytes_per_token(cfg, trainable, seq_len, tensor) + tokens * cfg.hidden_size * c
+        layer_work = tokens * saved_bytes_per_token(cfg.replace(remat_policy="none"), trainable, seq_len, tensor)
+        transient = max(logits, layer_work * (1 if cfg.remat_policy == "none" else 2))
+        total = param_bytes + 3 * train_bytes + batch_bytes + saved + transient + gathered + cast
+        flops = train_flops_per_token(cfg, seq_len, "decoder" in trainable) * per_device_batch * batch_rows * seq_len
+        stages.append(StageSizing(
+            name=str(stage["name"]), trainable=trainable, trainable_params=sum(math.prod(x.shape) for x in train),
+            optimizer_bytes=2 * train_bytes, gradient_bytes=train_bytes, saved_activation_bytes=saved,
+            transient_bytes=transient, total_bytes=total, flops_per_step=flops, flops_per_device_step=flops / num_devices))
+    return Sizing(
+        mesh=mesh_shape, num_devices=num_devices, per_device_batch=per_device_batch,
+        global_batch=per_device_batch * batch_rows, seq_len=seq_len,
+        num_params=sum(math.prod(x.shape) for x in params), param_bytes=param_bytes, batch_bytes=batch_bytes,
+        gathered_weight_bytes=gathered, cast_copy_bytes=cast,
+        kv_cache_bytes=kv_cache_bytes(cfg, per_device_batch * batch_rows, seq_len, mesh_shape), stages=tuple(stages))
+
+
+def recommend(config: ml_collections.ConfigDict, device_memory_bytes: float, num_devices: int | None = None,
+              margin: float = 0.15) -> Sizing:
+    """The sizing at the largest per-device batch whose peak stays under (1 - margin) of device memory."""
+    budget = (1.0 - margin) * device_memory_bytes
+    if size(config, num_devices, per_device_batch=1).peak_bytes > budget:
+        raise ValueError(f"even a per-device batch of 1 needs more than {budget / GiB:.1f} GiB per device on mesh "
+                         f"{dict(config.mesh)}; shard more (fsdp / tensor), use remat or bf16 parameters.")
+    lo, hi = 1, 2
+    while size(config, num_devices, per_device_batch=hi).peak_bytes <= budget:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if size(config, num_devices, per_device_batch=mid).peak_bytes <= budget else (lo, mid)
+    return size(config, num_devices, per_device_batch=lo)
+
+
+def format_table(s: Sizing, device_memory_bytes: float | None = None) -> str:
+    """A plain-text table of a sizing: shared parts, then one column per stage."""
+    gib = lambda b: f"{b / GiB:.2f}"  # noqa: E731
+    head = (f"mesh {s.mesh} ({s.num_devices} devices), per-device batch {s.per_device_batch} "
+            f"(global {s.global_batch}) x {s.seq_len} tokens; {s.num_params / 1e6:.1f}M parameters")
+    rows = [("parameters", [gib(s.param_bytes)] * len(s.stages)),
+            ("optimizer (Adam mu+nu)", [gib(x.optimizer_bytes) for x in s.stages]),
+            ("gradients", [gib(x.gradient_bytes) for x in s.stages]),
+            ("batch", [gib(s.batch_bytes)] * len(s.stages)),
+            ("saved activations", [gib(x.saved_activation_bytes) for x in s.stages]),
+            ("transient (logits / layer bwd)", [gib(x.transient_bytes) for x in s.stages]),
+            ("fsdp-gathered weights", [gib(s.gathered_weight_bytes)] * len(s.stages)),
+            ("compute-dtype weight copies", [gib(s.cast_copy_bytes)] * len(s.stages)),
+            ("total per device (GiB)", [gib(x.total_bytes) for x in s.stages])]
+    if device_memory_bytes:
+        rows.append(("of device memory", [f"{x.total_bytes / device_memory_bytes:.0%}" for x in s.stages]))
+    rows += [("trainable parameters (M)", [f"{x.trainable_params / 1e6:.2f}" for x in s.stages]),
+             ("TFLOPs per step (all devices)", [f"{x.flops_per_step / 1e12:.1f}" for x in s.stages]),
+             ("TFLOPs per step per device", [f"{x.flops_per_device_step / 1e12:.2f}" for x in s.stages])]
+    names = [f"{x.name} ({'+'.join(x.trainable)})" for x in s.stages]
+    width = max(len(r[0]) for r in rows)
+    cols = [max(len(n), 8) for n in names]
+    lines = [head, " " * width + " | " + " | ".join(n.rjust(w) for n, w in zip(names, cols))]
+    lines.append("-" * len(lines[-1]))
+    lines += [label.ljust(width) + " | " + " | ".join(v.rjust(w) for v, w in zip(vals, cols)) for label, vals in rows]
+    lines.append(f"KV cache for decoding {s.global_batch} x {s.seq_len} tokens: {gib(s.kv_cache_bytes)} GiB per device")
+    return "\n".join(lines)
+
+
+def xla_train_memory(config: ml_collections.ConfigDict, stage_index: int, mesh: Mesh) -> dict[str, int]:
+    """XLA's memory analysis of the compiled train step (abstract inputs, donated state) on `mesh`, per device."""
+    import optax
+
+    from ctelm_jax.parallel.rules import constrainer
+    from ctelm_jax.train.optimizer import make_optimizer, param_labels
+    from ctelm_jax.train.step import TrainState, make_train_step
+
+    rules = as_rules(config.rules)
+    graphdef, state = nnx.split(abstract_elm(config.model, constrainer(mesh, rules)))
+    shardings = nnx.to_pure_dict(state_shardings(state, mesh, rules))
+    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          nnx.to_pure_dict(state), shardings)
+    stage = config.stages[stage_index]
+    labels = param_labels(params, tuple(stage["trainable"]))
+    tx = make_optimizer(labels, optax.constant_schedule(float(stage["learning_rate"])))
+    abstract_opt = jax.eval_shape(tx.init, params)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    is_masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+    opt_shardings = optax.tree_map_params(tx, lambda v, s: v if is_masked(v) else s, abstract_opt, shardings,
+                                          transform_non_params=lambda _: replicated, is_leaf=is_masked)
+    opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_opt, opt_shardings)
+    ts = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), params=params, opt_state=opt_state)
+    ts_shardings = TrainState(step=replicated, params=shardings, opt_state=opt_shardings)
+    b, t, e = int(config.data.global_batch_size), int(config.data.seq_len), int(config.data.max_embeddings_per_row)
+    shapes = dict(tokens=((b, t), jnp.int32), targets=((b, t), jnp.int32), loss_mask=((b, t), jnp.float32),
+                  segment_ids=((b, t), jnp.int32), positions=((b, t), jnp.int32), task_ids=((b, t), jnp.int32),
+                  embeddings=((b, e, int(config.model.domain_dim)), jnp.float32))
+    batch = {k: jax.ShapeDtypeStruct(s, d, sharding=batch_sharding(mesh, rules, len(s))) for k, (s, d) in shapes.items()}
+    step = jax.jit(make_train_step(graphdef, labels, tx, len(config.data.tasks)),
+                   in_shardings=(ts_shardings, None), out_shardings=(ts_shardings, None), donate_argnums=0)
+    m = step.lower(ts, batch).compile().memory_analysis()
+    out = dict(argument=m.argument_size_in_bytes, output=m.output_size_in_bytes, alias=m.alias_size_in_bytes,
+               temp=m.temp_size_in_bytes)
+    out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+    return out
+
+
+def main(argv: list[str]) -> None:
+    """Prints the sizing table (and the recommended batch with --memory_gib, XLA's numbers with --xla)."""
+    del argv
+    config = _CONFIG.value
+    num_devices = _NUM_DEVICES.value or None
+    memory = _MEMORY_GIB.value * GiB if _MEMORY_GIB.value else None
+    print(format_table(size(config, num_devices), memory))
+    if memory:
+        best = recommend(config, memory, num_devices)
+        print(f"\nrecommended for {_MEMORY_GIB.value:g} GiB per device (15% margin): per-device batch "
+              f"{best.per_device_batch} -> data.global_batch_size={best.global_batch}")
+        print(format_table(best, memory))
+    if _XLA.value:
+        from ctelm_jax.parallel.mesh import make_mesh
+        mesh = make_mesh(dict(config.mesh))
+        sizing = size(config)
+        for i, stage in enumerate(sizing.stages):
+            xla = xla_train_memory(config, i, mesh)
+            print(f"XLA {stage.name}: " + ", ".join(f"{k} {v / GiB:.2f}" for k, v in xla.items())
+                  + f" GiB; tool/XLA = {stage.total_bytes / xla['peak']:.2f}")
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file to size.")
+    _NUM_DEVICES = flags.DEFINE_integer("num_devices", 0, "Devices to size for (0: the devices present).")
+    _MEMORY_GIB = flags.DEFINE_float("memory_gib", 0.0, "Device memory in GiB: also recommend the largest batch.")
+    _XLA = flags.DEFINE_bool("xla", False, "Also compile each stage's train step here and print XLA's memory analysis.")
+    flags.mark_flag_as_required("config")
+    app.run(main)

@@ -1,0 +1,238 @@
+"""Evaluation metrics and probes on toy inputs, the decode CLI's input checks, the whole evaluation on a tiny run."""
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from ctelm_jax import decode
+from ctelm_jax.eval import metrics, probes, prompts
+from ctelm_jax.eval.suite import EvalSizes, evaluate_run
+
+TEXT = ("Phase: phase 2\nConditions: asthma\nInterventions: salbutamol\nAges: {ages}\nSex: {sex}\n"
+        "Status: completed")
+
+
+def trial_text(ages: str = "18 years and older", sex: str = "all") -> str:
+    return TEXT.format(ages=ages, sex=sex)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# metrics
+
+
+def test_cosine_rows():
+    a = np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
+    b = np.array([[2.0, 0.0], [-1.0, -1.0], [1.0, 0.0]])
+    np.testing.assert_allclose(metrics.cosine_rows(a, b), [1.0, -1.0, 0.0])
+    with pytest.raises(ValueError, match="equal shapes"):
+        metrics.cosine_rows(a, b[:2])
+
+
+def test_rouge_l_and_bleu_sanity():
+    ref = "the quick brown fox jumps over the lazy dog"
+    assert metrics.rouge_l([ref], [ref])[0] == pytest.approx(1.0)
+    assert metrics.rouge_l(["completely different words"], [ref])[0] == 0.0
+    partial = metrics.rouge_l(["the quick brown fox sleeps"], [ref])[0]
+    assert 0.3 < partial < 1.0
+    assert metrics.bleu([ref], [ref]) == pytest.approx(100.0)
+    assert metrics.bleu(["completely different words here"], [ref]) < 5.0
+    assert 0.0 < metrics.bleu(["the quick brown fox jumps over a lazy cat"], [ref]) < 100.0
+
+
+def test_nearest_neighbour_excludes_self():
+    pool = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+    ids = ["A", "B", "C"]
+    assert metrics.nearest_neighbours(pool, pool, ids, ids).tolist() == [1, 0, 1]
+    assert metrics.nearest_neighbours(pool[:1], pool, ["Z"], ids).tolist() == [0]
+    with pytest.raises(ValueError, match="no neighbour"):
+        metrics.nearest_neighbours(pool[:1], pool[:1], ["A"], ["A"])
+
+
+def test_summary_skips_non_finite():
+    s = metrics.summary([1.0, 3.0, float("nan")])
+    assert (s["mean"], s["median"], s["n"]) == (2.0, 2.0, 2)
+    assert metrics.summary([])["n"] == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# probes
+
+
+def test_attribute_scoring():
+    assert probes.score_answer("phase", "Phase 2.", "phase 2") == {"exact": True, "overlap": True}
+    assert probes.score_answer("conditions", "asthma; copd", "asthma; bronchitis") == {"exact": False, "overlap": True}
+    assert probes.score_answer("ages", "18 to 65 years", "18 to 65 years")["exact"]
+    assert not probes.score_answer("ages", "18 years and older", "18 to 65 years")["exact"]
+    acc = probes.attribute_accuracy({"sex": ["all", "female", "male"]}, {"sex": ["all", "all", "male"]},
+                                    majority={"sex": "all"})
+    assert acc["sex"]["exact"] == pytest.approx(2 / 3) and acc["sex"]["majority"] == pytest.approx(2 / 3)
+
+
+def test_extract_fields_from_cut_text():
+    f = probes.extract_fields(trial_text("60 years and older", "female"))
+    assert (f.min_age, f.max_age, f.sex, f.phase) == (60.0, None, "female", "phase 2")
+    cut = "Phase: phase 2\nConditions: asthma\nAges: up to 17 years\nSex: male\nInclusion: some"
+    f = probes.extract_fields(cut)
+    assert (f.min_age, f.max_age, f.sex, f.phase) == (None, 17.0, "male", "")
+    assert probes.extract_fields("Phase: phase 2\nAges: whenever") is None
+    assert probes.well_formed(trial_text()) and not probes.well_formed(cut)
+
+
+def test_concept_curve_monotone_and_flat():
+    strengths = [-1.0, 0.0, 1.0]
+    texts = {-1.0: [trial_text("18 to 55 years"), trial_text("18 years and older")],
+             0.0: [trial_text("18 years and older"), trial_text("18 years and older")],
+             1.0: [trial_text("60 years and older"), "garbage"]}
+    c = probes.concept_curve("age", strengths, texts)
+    nets = [r["net"] for r in c["curve"]]
+    assert nets == [-0.5, 0.0, 0.5] and c["shape"] == "monotone"
+    assert c["curve"][2]["positive"] == 0.5 and c["curve"][2]["parsed"] == 0.5
+    assert c["curve"][0]["negative"] == 0.5
+    # Pediatric runs the other way: a lower age range is toward the concept.
+    assert [r["net"] for r in probes.concept_curve("pediatric", strengths, texts)["curve"]] == [0.5, 0.0, -0.5]
+    flat = probes.concept_curve("sex", strengths, {s: [trial_text()] for s in strengths})
+    assert flat["shape"] == "flat"
+    with pytest.raises(ValueError, match="strength 0"):
+        probes.concept_curve("sex", [1.0], {1.0: [trial_text()]})
+
+
+def test_novel_vectors_are_unit():
+    rng = np.random.default_rng(0)
+    e = rng.standard_normal((50, 8))
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    g = probes.gaussian_vectors(e, 5, rng)
+    m, pairs = probes.midpoint_vectors(e, 5, rng)
+    np.testing.assert_allclose(np.linalg.norm(g, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(m, axis=1), 1.0, rtol=1e-5)
+    assert (pairs[:, 0] != pairs[:, 1]).all()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a tiny run: decode CLI pieces and the whole evaluation
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A run directory of configs/tiny.py with a checkpoint of its freshly built model (no training needed)."""
+    from configs.tiny import get_config
+    from ctelm_jax.models.build import build_elm, load_tokenizer
+    from ctelm_jax.train.checkpoint import Checkpointer
+
+    workdir = tmp_path_factory.mktemp("tiny_run")
+    config = get_config()
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    model = build_elm(config.model, load_tokenizer(config.model))
+    ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
+    ckpt.save(3, {"step": np.int32(3), "params": nnx.to_pure_dict(nnx.state(model))}, {}, {"step": 3}, {})
+    ckpt.close()
+    return workdir
+
+
+def fake_encode(texts):
+    """A deterministic stand-in encoder: 32-d unit vectors seeded by each text's hash."""
+    out = []
+    for t in texts:
+        seed = int.from_bytes(hashlib.sha256(t.encode()).digest()[:4], "little")
+        v = np.random.default_rng(seed).standard_normal(32)
+        out.append(v / np.linalg.norm(v))
+    return np.asarray(out, np.float32)
+
+
+def test_evaluate_run_end_to_end(tiny_run):
+    sizes = EvalSizes(n_test=4, max_new_tokens=12, batch_size=4, n_attribute=2, attribute_max_new_tokens=6,
+                      n_concept=2, concept_max_new_tokens=8, strengths=(-1.0, 1.0), n_novel=2)
+    markdown = evaluate_run(tiny_run, sizes, encode=fake_encode)
+    out = tiny_run / "eval"
+    for name in ("report.md", "metrics.json", "samples.jsonl", "cosine_hist.png", "concept_curves.png"):
+        assert (out / name).is_file(), name
+    assert (tiny_run / "concepts.npz").is_file() and (tiny_run / "concepts.json").is_file()
+    results = json.loads((out / "metrics.json").read_text())
+    assert results["step"] == 3
+    assert set(results["describe"]) == {"ELM", "untrained adapter", "nearest training neighbour",
+                                        "random training text"}
+    assert results["describe"]["nearest training neighbour"]["well_formed"] == 1.0
+    assert results["describe"]["ELM"]["cosine"]["n"] == 4
+    assert set(results["attributes"]) == set(probes.EVAL_ATTRIBUTES)
+    assert [r["strength"] for r in results["concepts"]["curves"]["sex"]["curve"]] == [-1.0, 0.0, 1.0]
+    assert set(results["novel"]) == {"gaussian", "midpoint"}
+    assert "| ELM (step 3) |" in markdown
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len([s for s in samples if s["task"] == "describe"]) == 16
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_run):
+    from ctelm_jax.trained import load_trained
+
+    return load_trained(tiny_run)
+
+
+def test_decode_jobs_per_mode(trained):
+    model, tokenizer, config, _ = trained
+    d = int(config.model.domain_dim)
+    v = fake_encode(["a", "b"])
+    assert v.shape[1] == d
+    labels = ["A", "B"]
+    assert len(decode.make_jobs("describe", tokenizer, labels, v)) == 2
+    (compare,) = decode.make_jobs("compare", tokenizer, labels, v)
+    assert prompts.slots(tokenizer, compare.prompt) == 2 and compare.vectors.shape == (2, d)
+    asks = decode.make_jobs("ask", tokenizer, labels, v, question="What phase is the trial {E}?")
+    assert len(asks) == 2 and asks[0].prompt == prompts.attribute_prompt(tokenizer, "phase")
+    both = decode.make_jobs("ask", tokenizer, labels, v, question="Is {E} like <|embedding|>?")
+    assert len(both) == 1 and both[0].vectors.shape == (2, d)
+    path = decode.make_jobs("interpolate", tokenizer, labels, v, steps=3)
+    np.testing.assert_allclose(path[0].vectors[0], v[0], rtol=1e-5)
+    np.testing.assert_allclose(path[-1].vectors[0], v[1], rtol=1e-5)
+    assert [j.setting["t"] for j in path] == [0.0, 0.5, 1.0]
+    from ctelm_jax import concepts
+
+    concept = concepts.Concept("sex", v[0] - v[1], 1, 1)
+    moved = decode.make_jobs("concept", tokenizer, labels[:1], v[:1], strengths=[-1.0, 0.0, 1.0], concept=concept)
+    assert [j.setting["strength"] for j in moved] == [-1.0, 0.0, 1.0]
+    results = decode.decode_jobs(model, tokenizer, moved, prompts.sampling_config(tokenizer, 5))
+    assert len(results) == 3 and all(isinstance(r["text"], str) for r in results)
+    assert "<|embedding|>" in results[0]["prompt"]
+
+
+@pytest.mark.parametrize("mode,kwargs,n,match", [
+    ("compare", {}, 3, "exactly 2 embeddings"),
+    ("interpolate", {"steps": 1}, 2, "at least 2 points"),
+    ("ask", {"question": "What phase is it?"}, 1, "no embedding slot"),
+    ("ask", {"question": "Compare {E} and {E}"}, 3, "exactly 2 embeddings"),
+    ("ask", {}, 1, "needs --question"),
+    ("concept", {"strengths": [1.0]}, 1, "needs --concept"),
+    ("translate", {}, 1, "unknown --mode"),
+])
+def test_decode_bad_requests(trained, mode, kwargs, n, match):
+    tokenizer = trained.tokenizer
+    with pytest.raises(ValueError, match=match):
+        decode.make_jobs(mode, tokenizer, [str(i) for i in range(n)], fake_encode([str(i) for i in range(n)]),
+                         **kwargs)
+
+
+def test_decode_bad_vectors(tmp_path):
+    with pytest.raises(ValueError, match=r"this model takes \(n, 32\)"):
+        decode.check_vectors(np.ones((2, 31), np.float32), 32, "x")
+    with pytest.raises(ValueError, match="NaN"):
+        decode.check_vectors(np.full((1, 32), np.nan, np.float32), 32, "x")
+    with pytest.raises(ValueError, match="zero vectors"):
+        decode.check_vectors(np.zeros((1, 32), np.float32), 32, "x")
+    assert decode.check_vectors(np.ones(32), 32, "x").shape == (1, 32)
+    np.save(tmp_path / "v.npy", np.ones((3, 16), np.float32))
+    with pytest.raises(ValueError, match=r"shape \(3, 16\)"):
+        decode.vectors_from_npy(tmp_path / "v.npy", 32)
+    ids, emb = ["NCT1", "NCT2"], np.eye(2, dtype=np.float32)
+    with pytest.raises(ValueError, match="--nctids is empty"):
+        decode.vectors_from_nctids([], ids, emb, "corpus")
+    with pytest.raises(ValueError, match="not in corpus"):
+        decode.vectors_from_nctids(["NCT3"], ids, emb, "corpus")
+    assert decode.vectors_from_nctids(["nct2"], ids, emb, "corpus")[1].tolist() == [[0.0, 1.0]]
+
+
+def test_run_without_concepts_says_how_to_make_them(tmp_path):
+    from ctelm_jax import concepts
+
+    with pytest.raises(FileNotFoundError, match="no concept vectors"):
+        concepts.load(tmp_path)
