@@ -78,6 +78,18 @@ def _merge_peft(model: LlamaForCausalLM, folder: Path) -> None:
                 weight.copy_((weight.float() + scale * (b.float() @ a.float())).to(weight.dtype))
 
 
+def _fold_injected_lora(model: LlamaForCausalLM) -> None:
+    """Merges LoRA layers that transformers' PEFT integration injected and puts their base layers back."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent = model.get_submodule(name.rsplit(".", 1)[0])
+            setattr(parent, name.rsplit(".", 1)[1], module.get_base_layer())
+    model._hf_peft_config_loaded = False
+
+
 def load(folder: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Loaded:
     """Loads an exported ELM folder: LlamaForCausalLM (LoRA merged), tokenizer, adapter.
 
@@ -85,8 +97,11 @@ def load(folder: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Loade
     """
     folder = Path(folder)
     model = LlamaForCausalLM.from_pretrained(str(folder), dtype=dtype)
-    # With peft installed, transformers applies a PEFT adapter stored in the folder itself; otherwise merge it here.
-    if (folder / PEFT_CONFIG).is_file() and not getattr(model, "_hf_peft_config_loaded", False):
+    # With peft installed, transformers injects a PEFT adapter stored in the folder itself: fold it into the base
+    # layers so the model is a plain LlamaForCausalLM either way; without peft, merge the factors here.
+    if getattr(model, "_hf_peft_config_loaded", False):
+        _fold_injected_lora(model)
+    elif (folder / PEFT_CONFIG).is_file():
         _merge_peft(model, folder)
     return Loaded(model.eval(), AutoTokenizer.from_pretrained(str(folder)), load_adapter(folder, dtype))
 
