@@ -1,6 +1,6 @@
 """Per-device memory and FLOPs of a config's train step on a mesh, without devices or weights; batch recommendation.
 
-`python -m ctelm_jax.sizing --config=configs/X.py [--num_devices=8] [--memory_gib=80] [--xla] [--config.mesh.fsdp=8 ...]`
+`python -m ctelm_jax.sizing --config=configs/X.py [--num_devices=8] [--memory_gib=80] [--xla] [--config.mesh.fsdp=8]`
 
 The model of one step's peak (per device, bytes):
   parameters         every decoder + adapter parameter, sharded by its logical axes (`parallel.rules`)
@@ -10,8 +10,9 @@ The model of one step's peak (per device, bytes):
   saved activations  what the backward pass keeps of each layer, by remat policy (see `saved_bytes_per_token`)
   transient          the larger of the loss's logits work (XLA keeps 3 f32 (B, T, V/tensor) buffers when the program
                      is partitioned, 4 on one device) and one layer's backward (its activations, recomputed under remat)
-  gathered weights   fsdp > 1: all-gathered copies of the embedding / LM-head tables and of layer weights (2 layers
-                     with scan_layers; all layers without, as XLA hoists unrolled all-gathers)
+  gathered weights   fsdp > 1: the LM head all-gathered over fsdp (and the embedding table when tensor > 1 too:
+                     XLA replicates a table split on both axes for the lookup) and layer weights (one layer with
+                     scan_layers; all layers without, as XLA hoists the all-gathers of unrolled layers)
   cast copies        param_dtype != dtype: the decoder's weights in the compute dtype (conservative: TPU may fuse it)
 `tests/test_sizing.py` checks the total against XLA's compiled memory analysis.
 """
@@ -19,13 +20,15 @@ The model of one step's peak (per device, bytes):
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import math
 from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
+from absl import app
 from flax import nnx
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
@@ -122,8 +125,16 @@ def _shard_bytes(shape: Sequence[int], itemsize: int, spec: PartitionSpec, mesh_
 
 def param_table(model_cfg: Mapping[str, Any], mesh_shape: Mapping[str, int], rules: Rules) -> list[ParamInfo]:
     """Every parameter of the ELM with its per-device bytes under the logical rules on a mesh of this shape."""
-    mesh = AbstractMesh(tuple(mesh_shape[a] for a in MESH_AXES), MESH_AXES)
-    _, state = nnx.split(abstract_elm(model_cfg))
+    model_json = json.dumps(dict(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else model_cfg), sort_keys=True)
+    return list(_param_table(model_json, tuple(mesh_shape[a] for a in MESH_AXES), rules))
+
+
+@functools.lru_cache(maxsize=16)
+def _param_table(model_json: str, mesh_sizes: tuple[int, ...], rules: Rules) -> tuple[ParamInfo, ...]:
+    """`param_table` on a hashable key (recommend sizes one model many times)."""
+    mesh_shape = dict(zip(MESH_AXES, mesh_sizes))
+    mesh = AbstractMesh(mesh_sizes, MESH_AXES)
+    _, state = nnx.split(abstract_elm(ml_collections.ConfigDict(json.loads(model_json))))
     out = []
     for path, var in nnx.to_flat_state(state):
         value = var.get_value()
@@ -133,7 +144,7 @@ def param_table(model_cfg: Mapping[str, Any], mesh_shape: Mapping[str, int], rul
         out.append(ParamInfo(keys, tuple(value.shape), str(value.dtype), group_of(keys),
                              _shard_bytes(value.shape, itemsize, spec, mesh_shape),
                              _shard_bytes(value.shape, itemsize, spec, mesh_shape, skip="fsdp")))
-    return out
+    return tuple(out)
 
 
 def saved_bytes_per_token(cfg: LlamaConfig, trainable: Sequence[str], seq_len: int, tensor: int) -> int:
@@ -157,7 +168,8 @@ def saved_bytes_per_token(cfg: LlamaConfig, trainable: Sequence[str], seq_len: i
     lora_products = c * cfg.lora_rank * len(lora)
     policy = cfg.remat_policy
     if policy == "none":
-        return c * (2 * d + q + 2 * kv + 5 * f + inputs) + (4 + c) * scores + 16 + lora_products
+        norms = 4 * 4  # two RMSNorms' f32 rsqrt and its square's mean
+        return c * (2 * d + q + 2 * kv + 5 * f + inputs) + (4 + c) * scores + norms + lora_products
     if policy == "full":
         return c * d
     if policy == "dots":
@@ -194,8 +206,8 @@ def size(config: ml_collections.ConfigDict, num_devices: int | None = None,
     layer_params = [x for x in params if x.path[:2] == ("decoder", "layers")]
     layer_gathered = sum(x.gathered_bytes for x in layer_params) // cfg.num_layers
     table_gathered = max(x.gathered_bytes for x in params if x.path[-1] in ("embed_tokens", "lm_head"))
-    tables = 1 if (cfg.tie_word_embeddings and tensor == 1) else 2
-    gathered = 0 if fsdp == 1 else tables * table_gathered + layer_gathered * (2 if cfg.scan_layers else cfg.num_layers)
+    tables = 1 if tensor == 1 else 2  # XLA replicates a table split on both axes for the lookup (and warns)
+    gathered = 0 if fsdp == 1 else tables * table_gathered + layer_gathered * (1 if cfg.scan_layers else cfg.num_layers)
     cast = 0 if c == p else sum(x.device_bytes for x in params if x.group == "decoder") * c // p
     logits = tokens * math.ceil(cfg.vocab_size / tensor) * 4 * (4 if num_devices == 1 else 3)
 
@@ -204,10 +216,12 @@ def size(config: ml_collections.ConfigDict, num_devices: int | None = None,
         trainable = tuple(stage["trainable"])
         unknown = set(trainable) - set(GROUPS)
         if unknown:
-            raise ValueError(f"stage {stage['name']!r}: unknown trainable groups {sorted(unknown)}; choose from {GROUPS}.")
+            raise ValueError(f"stage {stage['name']!r}: unknown trainable groups {sorted(unknown)}; "
+                             f"choose from {GROUPS}.")
         train = [x for x in params if x.group in trainable]
         train_bytes = sum(x.device_bytes for x in train)
-        saved = cfg.num_layers * tokens * saved_bytes_per_token(cfg, trainable, seq_len, tensor) + tokens * cfg.hidden_size * c
+        per_token = saved_bytes_per_token(cfg, trainable, seq_len, tensor)
+        saved = cfg.num_layers * tokens * per_token + tokens * cfg.hidden_size * c  # + the input embeddings
         layer_work = tokens * saved_bytes_per_token(cfg.replace(remat_policy="none"), trainable, seq_len, tensor)
         transient = max(logits, layer_work * (1 if cfg.remat_policy == "none" else 2))
         total = param_bytes + 3 * train_bytes + batch_bytes + saved + transient + gathered + cast
@@ -215,7 +229,8 @@ def size(config: ml_collections.ConfigDict, num_devices: int | None = None,
         stages.append(StageSizing(
             name=str(stage["name"]), trainable=trainable, trainable_params=sum(math.prod(x.shape) for x in train),
             optimizer_bytes=2 * train_bytes, gradient_bytes=train_bytes, saved_activation_bytes=saved,
-            transient_bytes=transient, total_bytes=total, flops_per_step=flops, flops_per_device_step=flops / num_devices))
+            transient_bytes=transient, total_bytes=total, flops_per_step=flops,
+            flops_per_device_step=flops / num_devices))
     return Sizing(
         mesh=mesh_shape, num_devices=num_devices, per_device_batch=per_device_batch,
         global_batch=per_device_batch * batch_rows, seq_len=seq_len,
@@ -290,14 +305,16 @@ def xla_train_memory(config: ml_collections.ConfigDict, stage_index: int, mesh: 
     is_masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
     opt_shardings = optax.tree_map_params(tx, lambda v, s: v if is_masked(v) else s, abstract_opt, shardings,
                                           transform_non_params=lambda _: replicated, is_leaf=is_masked)
-    opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_opt, opt_shardings)
+    opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                             abstract_opt, opt_shardings)
     ts = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), params=params, opt_state=opt_state)
     ts_shardings = TrainState(step=replicated, params=shardings, opt_state=opt_shardings)
     b, t, e = int(config.data.global_batch_size), int(config.data.seq_len), int(config.data.max_embeddings_per_row)
     shapes = dict(tokens=((b, t), jnp.int32), targets=((b, t), jnp.int32), loss_mask=((b, t), jnp.float32),
                   segment_ids=((b, t), jnp.int32), positions=((b, t), jnp.int32), task_ids=((b, t), jnp.int32),
                   embeddings=((b, e, int(config.model.domain_dim)), jnp.float32))
-    batch = {k: jax.ShapeDtypeStruct(s, d, sharding=batch_sharding(mesh, rules, len(s))) for k, (s, d) in shapes.items()}
+    batch = {k: jax.ShapeDtypeStruct(s, d, sharding=batch_sharding(mesh, rules, len(s)))
+             for k, (s, d) in shapes.items()}
     step = jax.jit(make_train_step(graphdef, labels, tx, len(config.data.tasks)),
                    in_shardings=(ts_shardings, None), out_shardings=(ts_shardings, None), donate_argnums=0)
     m = step.lower(ts, batch).compile().memory_analysis()
@@ -312,17 +329,20 @@ def main(argv: list[str]) -> None:
     del argv
     config = _CONFIG.value
     num_devices = _NUM_DEVICES.value or None
+    if _XLA.value and num_devices not in (None, jax.device_count()):
+        raise app.UsageError(f"--xla compiles on the {jax.device_count()} devices present; drop --num_devices.")
     memory = _MEMORY_GIB.value * GiB if _MEMORY_GIB.value else None
-    print(format_table(size(config, num_devices), memory))
+    sizing = size(config, num_devices)
+    print(format_table(sizing, memory))
     if memory:
         best = recommend(config, memory, num_devices)
         print(f"\nrecommended for {_MEMORY_GIB.value:g} GiB per device (15% margin): per-device batch "
-              f"{best.per_device_batch} -> data.global_batch_size={best.global_batch}")
-        print(format_table(best, memory))
+              f"{best.per_device_batch} -> --config.data.global_batch_size={best.global_batch}")
+        if best.per_device_batch != sizing.per_device_batch:
+            print(format_table(best, memory))
     if _XLA.value:
         from ctelm_jax.parallel.mesh import make_mesh
         mesh = make_mesh(dict(config.mesh))
-        sizing = size(config)
         for i, stage in enumerate(sizing.stages):
             xla = xla_train_memory(config, i, mesh)
             print(f"XLA {stage.name}: " + ", ".join(f"{k} {v / GiB:.2f}" for k, v in xla.items())
@@ -330,7 +350,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
 
     _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file to size.")

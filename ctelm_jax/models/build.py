@@ -10,7 +10,7 @@ from flax import nnx
 
 from ctelm_jax.models.adapter import Adapter
 from ctelm_jax.models.elm import ELM
-from ctelm_jax.models.llama import Constrain, Llama, LlamaConfig, no_constraint
+from ctelm_jax.models.llama import Constrain, Llama, LlamaConfig, RopeScaling, no_constraint
 from ctelm_jax.weights.hf import decoder_from_hf, read_config, read_tensors
 from ctelm_jax.weights.tokenizer import Tokenizer
 
@@ -30,7 +30,10 @@ def decoder_config(model_cfg: Mapping[str, Any]) -> LlamaConfig:
     """The decoder's LlamaConfig: from config.json (or `arch` for a random decoder) plus runtime fields."""
     runtime = {k: (tuple(model_cfg[k]) if k == "lora_targets" else model_cfg[k]) for k in RUNTIME_FIELDS}
     if model_cfg.get("arch"):
-        return LlamaConfig(**dict(model_cfg["arch"]), **runtime)
+        arch = dict(model_cfg["arch"])
+        if arch.get("rope_scaling"):
+            arch["rope_scaling"] = RopeScaling(**dict(arch["rope_scaling"]))
+        return LlamaConfig(**arch, **runtime)
     return LlamaConfig.from_hf_dict(read_config(decoder_dir(model_cfg)), **runtime)
 
 

@@ -90,7 +90,10 @@ def restore_params(directory: str | Path, template: dict, step: int | None = Non
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"{directory}: no complete checkpoint; train first or point at a run's checkpoints/.")
-    raw = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]["params"]
+    # No target: place every array on one local device, whatever topology wrote it.
+    single = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    raw = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(fallback_sharding=single)))["state"]["params"]
     saved = {tuple(str(p) for p in k): v for k, v in traverse_util.flatten_dict(raw).items()}
     out = {}
     for key, leaf in traverse_util.flatten_dict(template).items():
