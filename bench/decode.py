@@ -1,6 +1,6 @@
 """Decode throughput of ctelm_jax's `generate` against Hugging Face `generate` on the same model and soft-token prompts.
 
-    .venv/bin/python bench/decode.py [--batch_sizes=1,16] [--new_tokens=128] [--reps=3]
+    .venv/bin/python bench/decode.py [--batch_sizes=1,16] [--new_tokens=128] [--reps=5]
 
 Model: the default ELM at initialisation (the pretrained SmolLM2-135M-Instruct decoder, as converted into
 `weights.default.default_decoder_dir()`, plus a fresh adapter); throughput does not depend on the weights. Prompts:
@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import os
 import statistics
+import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -25,14 +27,15 @@ import torch
 from absl import app, flags
 from transformers import LlamaForCausalLM
 
-from configs.default import get_config
-from ctelm_jax.eval import prompts
-from ctelm_jax.generate import SamplingConfig, generate
-from ctelm_jax.models.build import build_elm, decoder_dir, load_tokenizer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/ lives at the repo root
+from configs.default import get_config  # noqa: E402
+from ctelm_jax.eval import prompts  # noqa: E402
+from ctelm_jax.generate import SamplingConfig, generate  # noqa: E402
+from ctelm_jax.models.build import build_elm, decoder_dir, load_tokenizer  # noqa: E402
 
 _BATCHES = flags.DEFINE_list("batch_sizes", ["1", "16"], "Batch sizes to time.")
 _NEW = flags.DEFINE_integer("new_tokens", 128, "New tokens per sequence.")
-_REPS = flags.DEFINE_integer("reps", 3, "Timed repetitions per framework and setting.")
+_REPS = flags.DEFINE_integer("reps", 5, "Timed repetitions per framework and setting.")
 
 
 def _time(fn) -> float:
@@ -57,7 +60,7 @@ def main(argv: Sequence[str]) -> None:
         vectors = rng.standard_normal((batch, 1, int(config.model.domain_dim))).astype(np.float32)
         vectors /= np.linalg.norm(vectors, axis=-1, keepdims=True)
         tokens = jnp.asarray([prompt] * batch, jnp.int32)
-        embeds = torch.from_numpy(np.asarray(model.input_embeddings(tokens, jnp.asarray(vectors))))
+        embeds = torch.from_numpy(np.array(model.input_embeddings(tokens, jnp.asarray(vectors))))
         mask = torch.ones(embeds.shape[:2], dtype=torch.long)
 
         def ours(n: int) -> list[list[int]]:

@@ -17,6 +17,7 @@ def base_config() -> ml_collections.ConfigDict:
         dtype="float32", param_dtype="float32", scan_layers=False, remat_policy="none",
         lora_rank=16, lora_alpha=32.0, lora_targets=("q_proj", "k_proj"),
         domain_dim=384, adapter_hidden=1024, seed=0,
+        standardize_adapter_input=True,  # adapter sees (e - train mean) / train spread; False = OpenELM's raw e
     ))
     c.data = ml_collections.ConfigDict(dict(
         corpus="data/clinical_trials.jsonl.gz",

@@ -1,7 +1,7 @@
 """Batched KV-cache decoding for the ELM (and the bare Llama decoder): greedy or sampled, one compile per shape bucket.
 
-Prompts are sorted by length, grouped into batches and left-padded to a bucket length (a power of two); batches are
-padded to a power-of-two row count with dummy rows. Padding has segment id 0 (attends to nothing real), positions count
+Prompts are sorted by length, grouped into batches and left-padded to a bucket length (a multiple of 16 up to 128
+tokens, a power of two beyond); batches are padded to a power-of-two row count with dummy rows. Padding has segment id 0 (attends to nothing real), positions count
 real tokens only, so a padded row decodes exactly as it would alone. The whole decode loop is one `jax.lax.while_loop`
 on device (no host round trip per token) that stops once every row has produced a stop token or `max_new_tokens`.
 Logits are processed as Hugging Face `generate` does, in this order: repetition penalty (over prompt + generated
@@ -22,7 +22,7 @@ from flax import nnx
 from ctelm_jax.models.elm import ELM
 from ctelm_jax.models.llama import Llama, init_cache
 
-MIN_LENGTH_BUCKET = 32
+LENGTH_STEP, POW2_FROM = 16, 128  # prompt lengths round up to a multiple of 16 up to 128, to a power of two beyond
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,12 +168,17 @@ def _generate_llama(graphdef: nnx.GraphDef, cfg: SamplingConfig, state: nnx.Stat
     return _decode_loop(decoder, x, tokens, jnp.ones((b, t), jnp.int32), jnp.zeros((b,), bool), key, cfg)
 
 
-def _pow2(n: int, minimum: int = 1) -> int:
-    """The smallest power of two >= max(n, minimum)."""
+def _pow2(n: int) -> int:
+    """The smallest power of two >= n."""
     b = 1
-    while b < max(n, minimum):
+    while b < n:
         b *= 2
     return b
+
+
+def _length_bucket(n: int) -> int:
+    """The padded prompt length for a longest prompt of n tokens (few buckets, little padding on short prompts)."""
+    return -(-n // LENGTH_STEP) * LENGTH_STEP if n <= POW2_FROM else _pow2(n)
 
 
 def _as_key(rng: jax.Array | int | None) -> jax.Array:
@@ -228,7 +233,7 @@ def generate(model: ELM, prompts: Sequence[Sequence[int]], embeddings: Sequence[
     for batch_index, start in enumerate(range(0, len(order), config.batch_size)):
         rows = order[start:start + config.batch_size]
         b = _pow2(len(rows))
-        t = _pow2(max(len(prompts[i]) for i in rows), MIN_LENGTH_BUCKET)
+        t = _length_bucket(max(len(prompts[i]) for i in rows))
         e = _pow2(max(max(embeddings[i].shape[0] for i in rows), 1))
         tokens = np.full((b, t), config.pad_id, np.int32)
         segments = np.zeros((b, t), np.int32)

@@ -62,8 +62,11 @@ def test_summary_skips_non_finite():
 
 
 def test_attribute_scoring():
-    assert probes.score_answer("phase", "Phase 2.", "phase 2") == {"exact": True, "overlap": True}
-    assert probes.score_answer("conditions", "asthma; copd", "asthma; bronchitis") == {"exact": False, "overlap": True}
+    assert probes.score_answer("phase", "Phase 2.", "phase 2") == {"exact": True, "field": True, "overlap": True}
+    assert probes.score_answer("conditions", "asthma; copd", "asthma; bronchitis") == {
+        "exact": False, "field": False, "overlap": True}
+    assert probes.score_answer("sex", trial_text(sex="female"), "female") == {
+        "exact": False, "field": True, "overlap": False}
     assert probes.score_answer("ages", "18 to 65 years", "18 to 65 years")["exact"]
     assert not probes.score_answer("ages", "18 years and older", "18 to 65 years")["exact"]
     acc = probes.attribute_accuracy({"sex": ["all", "female", "male"]}, {"sex": ["all", "all", "male"]},

@@ -15,7 +15,7 @@ from flax import nnx, traverse_util
 from configs import tiny
 from ctelm_jax import export
 from ctelm_jax.hf import reference
-from ctelm_jax.models.adapter import Adapter
+from ctelm_jax.models.adapter import Adapter, set_standardisation
 from ctelm_jax.models.build import build_elm
 from ctelm_jax.models.elm import ELM
 from ctelm_jax.models.llama import Llama, LlamaConfig
@@ -42,10 +42,14 @@ def randomize(model: nnx.Module, seed: int = 0) -> None:
         var[...] = jnp.asarray(0.3 * value if path[-1] == "b" else value, var[...].dtype)
 
 
-def make_elm(tokenizer: Tokenizer, cfg: LlamaConfig = CFG) -> ELM:
+def make_elm(tokenizer: Tokenizer, cfg: LlamaConfig = CFG, standardised: bool = False) -> ELM:
+    """A random ELM; `standardised` gives its adapter input statistics of a random corpus (export folds them)."""
     rngs = nnx.Rngs(0)
     model = ELM(Llama(cfg, rngs=rngs), Adapter(DOMAIN, HIDDEN, cfg.hidden_size, rngs=rngs), tokenizer.placeholder_id)
     randomize(model)
+    if standardised:
+        corpus = np.random.default_rng(1).standard_normal((64, DOMAIN)) * 0.05 + 0.3
+        set_standardisation(model.adapter, corpus)
     return model
 
 
@@ -96,7 +100,7 @@ def jax_greedy(model: ELM, ids: list[int], embeddings: np.ndarray, max_new: int,
 
 @pytest.mark.parametrize("lora, tied", [("merge", False), ("peft", False), ("merge", True)])
 def test_transformers_matches_ctelm(tmp_path, tokenizer, lora, tied):
-    elm = make_elm(tokenizer, CFG.replace(tie_word_embeddings=tied))
+    elm = make_elm(tokenizer, CFG.replace(tie_word_embeddings=tied), standardised=True)
     out = export_elm(elm, tokenizer, tmp_path / "hf", lora=lora, extra_config={"encoder": "all-MiniLM-L6-v2"})
     config = json.loads((out / "config.json").read_text())
     assert (config["dim_embed_domain"], config["dim_adapter_hidden"], config["encoder"]) == (DOMAIN, HIDDEN,
@@ -175,6 +179,15 @@ def test_round_trip_merged_and_openelm_layout(tmp_path, elm, tokenizer):
     assert tok.placeholder == "<|embedding|>" and fresh.placeholder_id == tokenizer.placeholder_id
     assert_identical(decoder_to_hf(fresh.decoder), decoder_to_hf(elm.decoder, merge_lora=True))
     assert not np.asarray(fresh.decoder.layers[0].self_attn.q_proj.lora.b[...]).any()
+
+
+def test_adapter_standardisation_is_folded_into_the_first_linear(tmp_path, tokenizer):
+    elm = make_elm(tokenizer, standardised=True)
+    assert np.asarray(elm.adapter.input_mean[...]).any()
+    back, _ = import_elm(export_elm(elm, tokenizer, tmp_path / "hf", lora="merge"))
+    assert not np.asarray(back.adapter.input_mean[...]).any() and (np.asarray(back.adapter.input_scale[...]) == 1).all()
+    e = jnp.asarray(np.random.default_rng(2).standard_normal((5, DOMAIN)) * 0.05 + 0.3, jnp.float32)
+    np.testing.assert_allclose(np.asarray(back.adapter(e)), np.asarray(elm.adapter(e)), rtol=1e-4, atol=1e-5)
 
 
 def test_existing_output_is_refused_then_replaced(tmp_path, elm, tokenizer):

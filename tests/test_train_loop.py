@@ -16,11 +16,14 @@ import pytest
 from flax import nnx, traverse_util
 
 from configs import tiny
+from ctelm_jax.models.adapter import standardisation
 from ctelm_jax.models.build import build_elm, load_tokenizer
 from ctelm_jax.parallel.mesh import make_mesh, resolve_mesh_shape
 from ctelm_jax.parallel.rules import as_rules, state_shardings
 from ctelm_jax.train.checkpoint import Checkpointer, CheckpointMismatch
+from ctelm_jax.train import inputs
 from ctelm_jax.train.loop import NonFiniteLoss, train
+from ctelm_jax.trained import load_trained
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,6 +58,11 @@ def test_sigterm_then_resume_equals_uninterrupted(tmp_path):
     assert train(config(), full)["status"] == "finished"
     reference = losses(full)
     assert sorted(reference) == list(range(1, 9))
+    # The adapter's input statistics are the training split's, saved with the model and never trained.
+    trained = load_trained(full)
+    mean, scale = standardisation(inputs.load_splits(trained.config, full, trained.tokenizer)["train"].embeddings)
+    np.testing.assert_allclose(np.asarray(trained.model.adapter.input_mean[...]), mean, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(trained.model.adapter.input_scale[...]), scale, rtol=1e-6)
 
     cut = tmp_path / "cut"
     sigterm_after(cut, 3).join(0)

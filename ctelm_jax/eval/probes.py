@@ -28,27 +28,39 @@ def _items(text: str) -> set[str]:
     return {normalise(x) for x in text.split(";") if normalise(x)}
 
 
-def score_answer(attribute: str, answer: str, truth: str) -> dict[str, bool]:
-    """{"exact": answer equals the truth (normalised; ages compared as parsed ranges), "overlap": for lists, at least
-    one item shared (else the same as exact)}."""
+def _equal(attribute: str, answer: str, truth: str) -> bool:
+    """Whether an answer equals the truth (normalised; ages compared as parsed ranges)."""
     if attribute == "ages":
-        parsed, true = render.parse_ages(normalise(answer)), render.parse_ages(normalise(truth))
-        exact = parsed is not None and parsed == true
-    else:
-        exact = normalise(answer) == normalise(truth)
+        parsed = render.parse_ages(normalise(answer))
+        return parsed is not None and parsed == render.parse_ages(normalise(truth))
+    return normalise(answer) == normalise(truth)
+
+
+def field_line(attribute: str, answer: str) -> str | None:
+    """The value of the answer's own "<Attribute>: value" line, when it answered with (part of) a trial text."""
+    m = re.search(rf"^{attribute.capitalize()}: (.*)$", answer, re.M)
+    return m.group(1) if m else None
+
+
+def score_answer(attribute: str, answer: str, truth: str) -> dict[str, bool]:
+    """{"exact": the answer equals the truth; "field": exact, or the answer is a trial text whose line for the
+    attribute equals the truth; "overlap": for lists, at least one item shared (else the same as exact)}."""
+    exact = _equal(attribute, answer, truth)
+    line = field_line(attribute, answer)
     overlap = bool(_items(answer) & _items(truth)) if attribute in ("conditions", "interventions") else exact
-    return {"exact": exact, "overlap": overlap}
+    return {"exact": exact, "field": exact or (line is not None and _equal(attribute, line, truth)), "overlap": overlap}
 
 
 def attribute_accuracy(answers: Mapping[str, Sequence[str]], truths: Mapping[str, Sequence[str]],
                        majority: Mapping[str, str] | None = None) -> dict[str, dict[str, float]]:
-    """Per attribute: share exact, share overlapping, count, and (if given) the majority answer's exact share."""
+    """Per attribute: shares exact / field / overlapping (see `score_answer`), count, and (if given) the majority
+    answer's exact share."""
     out = {}
     for attribute, predicted in answers.items():
         true = truths[attribute]
         scores = [score_answer(attribute, a, t) for a, t in zip(predicted, true)]
-        row = {"exact": float(np.mean([s["exact"] for s in scores])),
-               "overlap": float(np.mean([s["overlap"] for s in scores])), "n": len(scores)}
+        row = {k: float(np.mean([s[k] for s in scores])) for k in ("exact", "field", "overlap")}
+        row["n"] = len(scores)
         if majority is not None:
             row["majority"] = float(np.mean([score_answer(attribute, majority[attribute], t)["exact"] for t in true]))
         out[attribute] = row
@@ -102,6 +114,9 @@ def sex_score(f: TrialFields) -> float:
 
 # concept -> (score, sign: the score's direction when the concept strengthens)
 CURVE_SCORES = {"age": (age_score, 1.0), "pediatric": (age_score, -1.0), "sex": (sex_score, 1.0)}
+# concept -> short names of its positive and negative groups (`concepts.BUILTIN`)
+CURVE_GROUPS = {"age": ("older (min age >= 60)", "adults < 60"), "pediatric": ("children (max age < 18)", "adults"),
+                "sex": ("women only", "men only")}
 
 
 def concept_curve(concept: str, strengths: Sequence[float], texts: Mapping[float, Sequence[str]]) -> dict:

@@ -11,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ctelm_jax.eval.probes import CURVE_GROUPS  # noqa: E402
+
 COSINE_PNG, CONCEPTS_PNG, REPORT_MD, SAMPLES_JSONL = "cosine_hist.png", "concept_curves.png", "report.md", \
     "samples.jsonl"
 
@@ -33,10 +35,11 @@ def describe_table(results: dict[str, Any]) -> str:
 
 
 def _attribute_table(attributes: dict[str, dict[str, float]]) -> str:
-    lines = ["| attribute | exact | overlap (lists) | majority-answer baseline | n |", "|---|---|---|---|---|"]
+    lines = ["| attribute | exact | exact or right field line | overlap (lists) | majority-answer baseline | n |",
+             "|---|---|---|---|---|---|"]
     for name, row in attributes.items():
-        lines.append(f"| {name} | {row['exact']:.0%} | {row['overlap']:.0%} | {row.get('majority', float('nan')):.0%} "
-                     f"| {row['n']} |")
+        lines.append(f"| {name} | {row['exact']:.0%} | {row['field']:.0%} | {row['overlap']:.0%} | "
+                     f"{row.get('majority', float('nan')):.0%} | {row['n']} |")
     return "\n".join(lines)
 
 
@@ -69,7 +72,7 @@ def plot_cosines(results: dict[str, Any], path: Path) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, values in series.items():
-        ax.hist(values, bins=20, range=(-0.2, 1.0), alpha=0.5, label=name)
+        ax.hist(values, bins=24, range=(-0.2, 1.0), histtype="step", linewidth=1.8, label=name)
     ax.set_xlabel("cosine(encoder(text), input embedding)")
     ax.set_ylabel("trials")
     ax.set_title(f"Re-embed cosine on {results['split']} (step {results['step']})")
@@ -88,8 +91,10 @@ def plot_concepts(results: dict[str, Any], path: Path) -> bool:
     fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.6), squeeze=False)
     for ax, (name, c) in zip(axes[0], curves.items()):
         s = [r["strength"] for r in c["curve"]]
-        for key, style in (("net", "o-"), ("positive", "s--"), ("negative", "^:")):
-            ax.plot(s, [r[key] for r in c["curve"]], style, label=key)
+        positive, negative = CURVE_GROUPS[name]
+        for key, style, label in (("net", "o-", "net shift"), ("positive", "s--", f"share {positive}"),
+                                  ("negative", "^:", f"share {negative}")):
+            ax.plot(s, [r[key] for r in c["curve"]], style, label=label)
         ax.axhline(0, color="grey", lw=0.5)
         ax.set_title(f"{name} ({c['shape']})")
         ax.set_xlabel("strength")
@@ -119,6 +124,8 @@ def markdown(results: dict[str, Any], cosine_png: bool, concepts_png: bool) -> s
         parts += [f"![re-embed cosine]({COSINE_PNG})", ""]
     parts += [f"## Attributes ({sizes['n_attribute']} trials, `attributes` task prompts)", "",
               _attribute_table(results["attributes"]), "",
+              "Exact: the answer is the canonical value of the field. Right field line: also counts answers written "
+              "as (part of) a trial text whose line for the field is right.", "",
               "## Concept responsiveness", "",
               f"Concept vectors {results['concepts']['source']}. Each test embedding is moved by strength x vector "
               "and renormalised, then described. Age score: midpoint of the decoded age range (open ends 0 and 100 "

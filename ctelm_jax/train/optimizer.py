@@ -10,12 +10,14 @@ from flax import traverse_util
 
 Params = dict[str, Any]
 GROUPS = ("adapter", "lora", "decoder")
+FIXED = "fixed"  # the adapter's input statistics (`models.adapter.InputStats`): set once, never trained
+_FIXED_LEAVES = ("input_mean", "input_scale")
 
 
 def group_of(path: tuple[Any, ...]) -> str:
-    """The trainable group a parameter path belongs to: adapter, lora (LoRA factors) or decoder (base weights)."""
+    """The group a parameter path belongs to: adapter, lora (LoRA factors), decoder (base weights) or fixed."""
     if path[0] == "adapter":
-        return "adapter"
+        return FIXED if path[-1] in _FIXED_LEAVES else "adapter"
     return "lora" if "lora" in path else "decoder"
 
 

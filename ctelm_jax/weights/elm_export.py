@@ -30,7 +30,7 @@ from jax.experimental import multihost_utils
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from ctelm_jax.models.adapter import Adapter
+from ctelm_jax.models.adapter import Adapter, folded_input_layer
 from ctelm_jax.models.elm import ELM
 from ctelm_jax.models.llama import Llama, LlamaConfig
 from ctelm_jax.models.lora import LoRAParam
@@ -50,12 +50,15 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 
 
 def adapter_to_hf(adapter: Adapter) -> Tensors:
-    """The adapter as `adapter.{0,2}.{weight,bias}` numpy tensors (PyTorch (out, in) layout)."""
+    """The adapter as `adapter.{0,2}.{weight,bias}` numpy tensors (PyTorch (out, in) layout), its input
+    standardisation folded into `adapter.0` so that the file is the plain Linear -> ReLU -> Linear of OpenELM."""
+    dtype = np.asarray(adapter.fc_in.kernel[...]).dtype
+    kernel_in, bias_in = folded_input_layer(adapter)
+    layers = {"0": (kernel_in, bias_in), "2": (adapter.fc_out.kernel[...], adapter.fc_out.bias[...])}
     out: Tensors = {}
-    for index, attr in ADAPTER_LAYERS.items():
-        dense = getattr(adapter, attr)
-        out[f"adapter.{index}.weight"] = np.ascontiguousarray(np.asarray(dense.kernel[...]).T)
-        out[f"adapter.{index}.bias"] = np.asarray(dense.bias[...])
+    for index, (kernel, bias) in layers.items():
+        out[f"adapter.{index}.weight"] = np.ascontiguousarray(np.asarray(kernel).T.astype(dtype))
+        out[f"adapter.{index}.bias"] = np.asarray(bias).astype(dtype)
     return out
 
 
@@ -78,6 +81,8 @@ def adapter_from_hf(adapter: Adapter, tensors: Tensors, source: str = "checkpoin
             updates.append((var, jnp.asarray(value, var[...].dtype)))
     for var, value in updates:
         var[...] = value
+    adapter.input_mean[...] = jnp.zeros_like(adapter.input_mean[...])  # the file's adapter.0 has it folded in
+    adapter.input_scale[...] = jnp.ones_like(adapter.input_scale[...])
 
 
 def _peft_key(path: tuple[Any, ...], layer: int) -> str:
