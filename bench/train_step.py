@@ -1,6 +1,11 @@
 """Training step, ctelm_jax vs transformers + PEFT (the OpenELM stack), same model, batch and machine.
 
     .venv/bin/python bench/train_step.py [--reps=3] [--steps=3] [--batch=4] [--seq=256] [--settings=lora,full]
+    .venv/bin/python bench/train_step.py --model=1b --settings=lora --batch=1 --reps=2 --steps=2
+
+`--model=default` is the embedded SmolLM2-135M-Instruct; `--model=1b` a randomly initialised decoder of
+Llama-3.2-1B's shape (16 layers, hidden 2048, 32 / 8 heads, vocab 128,256, tied), the 1B class that fits in this
+machine's memory for LoRA (full fine-tuning in fp32 would need ~20 GB for weights and Adam alone).
 
 The driver alternates worker processes (jax, torch, jax, torch, ...) so both see the same machine state; each worker
 builds its model once, times `--steps` steps after one warm-up (compile) step, and reports step times and its peak
@@ -23,6 +28,19 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # configs/ lives at the repo root
 LORA_RANK, LORA_ALPHA, LORA_TARGETS, DOMAIN, ADAPTER_HIDDEN = 16, 32.0, ("q_proj", "k_proj"), 384, 1024
+LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32,
+                num_kv_heads=8, rope_theta=500000.0, tie_word_embeddings=True, max_position_embeddings=4096)
+
+
+def model_config(model: str):
+    """The `model` section of a config for the benchmarked decoder."""
+    from configs.base import base_config
+
+    c = base_config()
+    c.model.lora_rank, c.model.lora_alpha, c.model.lora_targets = LORA_RANK, LORA_ALPHA, LORA_TARGETS
+    if model == "1b":
+        c.model.arch = dict(LLAMA_1B)
+    return c.model
 
 
 def make_batch(batch: int, seq: int, vocab: int, placeholder: int) -> dict[str, np.ndarray]:
@@ -39,21 +57,19 @@ def make_batch(batch: int, seq: int, vocab: int, placeholder: int) -> dict[str, 
             "task_ids": np.zeros((batch, seq), np.int32)}
 
 
-def jax_worker(setting: str, batch: dict, steps: int) -> list[float]:
+def jax_worker(setting: str, batch: dict, steps: int, model: str) -> list[float]:
     """Step times of ctelm_jax's compiled train step."""
     import jax
     import jax.numpy as jnp
     import optax
     from flax import nnx
 
-    from configs.base import base_config
     from ctelm_jax.models.build import build_elm, load_tokenizer
     from ctelm_jax.train.optimizer import make_optimizer, param_labels
     from ctelm_jax.train.step import TrainState, make_train_step
 
-    c = base_config()
-    c.model.lora_rank, c.model.lora_alpha, c.model.lora_targets = LORA_RANK, LORA_ALPHA, LORA_TARGETS
-    graphdef, state = nnx.split(build_elm(c.model, load_tokenizer(c.model)))
+    m = model_config(model)
+    graphdef, state = nnx.split(build_elm(m, load_tokenizer(m)))
     params = nnx.to_pure_dict(state)
     labels = param_labels(params, ("adapter", "lora") if setting == "lora" else ("adapter", "decoder"))
     tx = make_optimizer(labels, optax.constant_schedule(1e-5))
@@ -69,16 +85,21 @@ def jax_worker(setting: str, batch: dict, steps: int) -> list[float]:
     return times[1:]
 
 
-def torch_worker(setting: str, batch: dict, steps: int) -> list[float]:
+def torch_worker(setting: str, batch: dict, steps: int, model_name: str, placeholder: int) -> list[float]:
     """Step times of transformers' LlamaForCausalLM (+ PEFT LoRA) with the same adapter splice and loss."""
     import torch
     from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig as HFLlamaConfig
     from transformers import LlamaForCausalLM
 
+    from ctelm_jax.models.build import decoder_config
     from ctelm_jax.weights.default import default_decoder_dir
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM.from_pretrained(str(default_decoder_dir()), dtype=torch.float32)
+    if model_name == "1b":
+        model = LlamaForCausalLM(HFLlamaConfig(**decoder_config(model_config("1b")).to_hf_dict()))
+    else:
+        model = LlamaForCausalLM.from_pretrained(str(default_decoder_dir()), dtype=torch.float32)
     if setting == "lora":
         model = get_peft_model(model, LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA,
                                                  target_modules=list(LORA_TARGETS), lora_dropout=0.0))
@@ -87,7 +108,7 @@ def torch_worker(setting: str, batch: dict, steps: int) -> list[float]:
     params = [p for p in model.parameters() if p.requires_grad] + list(adapter.parameters())
     opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
     tokens = torch.tensor(batch["tokens"], dtype=torch.long)
-    is_ph = tokens >= model.config.vocab_size
+    is_ph = tokens == placeholder
     targets = torch.tensor(batch["targets"], dtype=torch.long).clamp(max=model.config.vocab_size - 1)
     mask = torch.tensor(batch["loss_mask"])
     emb = torch.tensor(batch["embeddings"])
@@ -116,8 +137,10 @@ def worker(args: argparse.Namespace) -> None:
 
     tok = Tokenizer.from_dir(default_decoder_dir())
     batch = make_batch(args.batch, args.seq, 49152 - 1, tok.placeholder_id)
-    fn = jax_worker if args.framework == "jax" else torch_worker
-    times = fn(args.setting, batch, args.steps)
+    if args.framework == "jax":
+        times = jax_worker(args.setting, batch, args.steps, args.model)
+    else:
+        times = torch_worker(args.setting, batch, args.steps, args.model, tok.placeholder_id)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # GiB (ru_maxrss is KiB on Linux)
     print("RESULT " + json.dumps({"times": times, "peak_gib": peak}))
 
@@ -130,17 +153,17 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--settings", default="lora,full")
+    p.add_argument("--model", default="default", choices=("default", "1b"))
     p.add_argument("--framework")
     p.add_argument("--setting")
     args = p.parse_args()
     if args.framework:
         return worker(args)
     from ctelm_jax.models.build import decoder_config
-    from configs.base import base_config
     from ctelm_jax.train.metrics import measure_matmul_flops, train_flops_per_token
     import jax.numpy as jnp
 
-    cfg = decoder_config(base_config().model)
+    cfg = decoder_config(model_config(args.model))
     peak_flops = measure_matmul_flops(jnp.float32)
     tokens = args.batch * args.seq
     print(f"machine peak (measured fp32 matmul): {peak_flops / 1e9:.1f} GFLOP/s; batch {args.batch}x{args.seq}")
@@ -150,6 +173,7 @@ def main() -> None:
         for _ in range(args.reps):
             for fw in ("jax", "torch"):
                 out = subprocess.run([sys.executable, __file__, f"--framework={fw}", f"--setting={setting}",
+                                      f"--model={args.model}",
                                       f"--steps={args.steps}", f"--batch={args.batch}", f"--seq={args.seq}"],
                                      cwd=REPO, capture_output=True, text=True, check=True)
                 r = json.loads(out.stdout.split("RESULT ", 1)[1])

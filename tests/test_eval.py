@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import re
 
 import numpy as np
 import pytest
@@ -161,6 +162,8 @@ def test_evaluate_run_end_to_end(tiny_run):
     assert [r["strength"] for r in results["concepts"]["curves"]["sex"]["curve"]] == [-1.0, 0.0, 1.0]
     assert set(results["novel"]) == {"gaussian", "midpoint"}
     assert "| ELM (step 3) |" in markdown
+    assert re.search(r"ELM re-embed cosine -?[\d.]+: [\d.]+ (above|below) the untrained adapter \(ELM closer on \d/4 "
+                     r"trials\); .*nearest training neighbour", markdown)
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len([s for s in samples if s["task"] == "describe"]) == 16
 

@@ -300,6 +300,7 @@ def test_sbatch_dry_run(tmp_path):
         "+ export JAX_COORDINATOR_ADDRESS=gpu07:61444",
         "+ export JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7",
         "+ export CTELM_INIT_TIMEOUT_S=300",
+        "+ export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95",
         plus("srun", "--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "bash", "-c", TASK, "ctelm",
              "python", "-m", "ctelm_jax.train", "--workdir=/w", "--config=configs/a.py"),
     ]
@@ -312,7 +313,7 @@ def test_sbatch_runs_one_process_per_node_with_jax_env(tmp_path):
                                '  SLURM_NTASKS=2 SLURM_PROCID=$i "$@" || exit\ndone\n')
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    py = fake_bin(tmp_path, "fakepy", f'env | grep -E "^(JAX|CTELM)_" | sort > {out_dir}/$JAX_PROCESS_ID.env\n'
+    py = fake_bin(tmp_path, "fakepy", f'env | grep -E "^(JAX|CTELM|XLA_PYTHON)_" | sort > {out_dir}/$JAX_PROCESS_ID.env\n'
                                       f'printf "%s\\n" "$@" > {out_dir}/$JAX_PROCESS_ID.args\n') / "fakepy"
     env.update(CTELM_PYTHON=str(py), CTELM_GPUS_PER_NODE="4", CTELM_INIT_TIMEOUT_S="120")
     run(SBATCH, "--workdir=/w", "--config.name=a b", env=env, check=0)
@@ -320,7 +321,7 @@ def test_sbatch_runs_one_process_per_node_with_jax_env(tmp_path):
         lines = (out_dir / f"{i}.env").read_text().splitlines()
         assert f"JAX_PROCESS_ID={i}" in lines and "JAX_NUM_PROCESSES=2" in lines
         assert "JAX_COORDINATOR_ADDRESS=gpu07:61444" in lines and "JAX_LOCAL_DEVICE_IDS=0,1,2,3" in lines
-        assert "CTELM_INIT_TIMEOUT_S=120" in lines
+        assert "CTELM_INIT_TIMEOUT_S=120" in lines and "XLA_PYTHON_CLIENT_MEM_FRACTION=0.95" in lines
         assert (out_dir / f"{i}.args").read_text().splitlines() == [
             "-m", "ctelm_jax.train", "--workdir=/w", "--config.name=a b"]
 

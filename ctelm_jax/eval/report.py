@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -32,6 +33,27 @@ def describe_table(results: dict[str, Any]) -> str:
         lines.append(f"| {label} | {_stat(row.get('cosine'))} | {_stat(row['rouge_l'])} | {row['bleu']:.1f} | "
                      f"{row['well_formed']:.0%} |")
     return "\n".join(lines)
+
+
+def describe_verdict(results: dict[str, Any]) -> str:
+    """One sentence per baseline: the ELM's mean re-embed cosine minus the baseline's, and on how many of the same
+    trials the ELM's text is the closer one."""
+    rows = results["describe"]
+    ours = rows.get("ELM", {}).get("cosines")
+    if not ours:
+        return "No re-embed cosines (no encoder): no comparison with the baselines."
+    ours = np.asarray(ours)
+    parts = []
+    for name, row in rows.items():
+        theirs = row.get("cosines")
+        if name == "ELM" or not theirs or len(theirs) != len(ours):
+            continue
+        theirs = np.asarray(theirs)
+        delta = float(ours.mean() - theirs.mean())
+        word = "above" if delta > 0 else "below"
+        parts.append(f"{abs(delta):.3f} {word} the {name} (ELM closer on {int((ours > theirs).sum())}/{len(ours)} "
+                     "trials)")
+    return f"ELM re-embed cosine {ours.mean():.3f}: " + "; ".join(parts) + "."
 
 
 def _attribute_table(attributes: dict[str, dict[str, float]]) -> str:
@@ -115,6 +137,7 @@ def markdown(results: dict[str, Any], cosine_png: bool, concepts_png: bool) -> s
         f"{sizes['repetition_penalty']}.", "",
         f"## Describe ({sizes['n_test']} trials, up to {sizes['max_new_tokens']} new tokens)", "",
         describe_table(results), "",
+        describe_verdict(results), "",
         "ELM: the checkpoint. Untrained adapter: the same pretrained decoder with the run's freshly initialised "
         "adapter and LoRA at initialisation (a no-op), i.e. the model at step 0. Nearest training neighbour: the text "
         "of the most similar training embedding (retrieval). ROUGE-L / BLEU against the true canonical text; "
