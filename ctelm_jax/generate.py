@@ -113,7 +113,7 @@ def _decode_loop(
     lengths = real.sum(axis=1).astype(jnp.int32)
     positions = jnp.maximum(jnp.cumsum(real, axis=1) - 1, 0).astype(jnp.int32)
     cache = init_cache(dcfg, b, t + n, jnp.dtype(dcfg.dtype))
-    logits, cache = decoder(embeds=x, positions=positions, segment_ids=segment_ids, cache=cache)
+    logits, cache = decoder(embeds=x, positions=positions, segment_ids=segment_ids, cache=cache, last_only=True)
     seen = None if cfg.repetition_penalty == 1.0 else _mark(jnp.zeros((b, dcfg.vocab_size), bool), tokens, real)
     stop = jnp.asarray(cfg.stop_ids or (-1,), jnp.int32)
 

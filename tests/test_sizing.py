@@ -119,7 +119,7 @@ def test_kv_cache_matches_init_cache():
     config = tiny.get_config()
     cfg = decoder_config(config.model)
     cache = jax.eval_shape(lambda: init_cache(cfg, 8, 64, jnp.dtype(cfg.dtype)))
-    exact = cache["k"].size * cache["k"].dtype.itemsize * 2
+    exact = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((cache["k"], cache["v"])))
     assert sizing.kv_cache_bytes(cfg, 8, 64, dict(data=1, fsdp=1, tensor=1)) == exact
     assert sizing.kv_cache_bytes(cfg, 8, 64, dict(data=2, fsdp=2, tensor=2)) == exact // 8
 

@@ -18,7 +18,7 @@ from ctelm_jax.models.layers import LogicalAxes, RMSNorm, logical_param
 from ctelm_jax.models.lora import Projection
 
 Constrain = Callable[[jax.Array, LogicalAxes], jax.Array]
-KVCache = dict[str, jax.Array]
+KVCache = dict[str, Any]  # see `init_cache`
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 REMAT_POLICIES = {
@@ -165,12 +165,16 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 
 
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype: jnp.dtype = jnp.float32) -> KVCache:
-    """An empty KV cache: keys/values (L, B, S, K, D), per-slot segment ids (0 = empty), next write slot."""
-    kv_shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    return {
-        "k": jnp.zeros(kv_shape, dtype), "v": jnp.zeros(kv_shape, dtype),
-        "segment_ids": jnp.zeros((batch, max_len), jnp.int32), "end": jnp.zeros((), jnp.int32),
-    }
+    """An empty KV cache: keys/values, per-slot segment ids (0 = empty), next write slot.
+
+    Keys and values are one (B, S, K, D) array per layer (a tuple), so that each step's write updates that layer's
+    buffer in place; with `scan_layers` they are stacked (L, B, S, K, D), the form `lax.scan` carries."""
+    kv_shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    if cfg.scan_layers:
+        k = v = jnp.zeros((cfg.num_layers, *kv_shape), dtype)
+    else:
+        k = v = tuple(jnp.zeros(kv_shape, dtype) for _ in range(cfg.num_layers))
+    return {"k": k, "v": v, "segment_ids": jnp.zeros((batch, max_len), jnp.int32), "end": jnp.zeros((), jnp.int32)}
 
 
 class Attention(nnx.Module):
@@ -286,8 +290,9 @@ class Llama(nnx.Module):
     def __call__(
         self, tokens: jax.Array | None = None, *, embeds: jax.Array | None = None,
         positions: jax.Array | None = None, segment_ids: jax.Array | None = None, cache: KVCache | None = None,
+        last_only: bool = False,
     ) -> tuple[jax.Array, KVCache | None]:
-        """Logits (B, T, V) in float32 and the updated cache.
+        """Logits (B, T, V) in float32 (B, 1, V for the last position only, as a prefill needs) and the updated cache.
 
         `segment_ids` (B, T) mark which tokens may attend to which (equal ids, causally); 0 is padding.
         With a cache, the T new tokens are written at slot `cache['end']` and attend to every earlier slot.
@@ -336,9 +341,9 @@ class Llama(nnx.Module):
                 if has_cache:
                     ks.append(kv[0])
                     vs.append(kv[1])
-            new_kv = (jnp.stack(ks), jnp.stack(vs)) if has_cache else None
+            new_kv = (tuple(ks), tuple(vs)) if has_cache else None
 
-        x = self.norm(x)
+        x = self.norm(x[:, -1:] if last_only else x)
         head = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
         logits = jnp.einsum("btd,dv->btv", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
         logits = self.constrain(logits, ("batch", "length", "act_vocab"))
