@@ -171,6 +171,7 @@ def define_flags() -> None:
     flags.DEFINE_float("temperature", 0.0, "Sampling temperature (0: greedy).")
     flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1: off).")
     flags.DEFINE_float("repetition_penalty", 1.0, "HF-style repetition penalty (1: off; OpenELM uses 1.2).")
+    flags.DEFINE_integer("no_repeat_ngram_size", 0, "Never repeat an n-gram of the generated tokens (0: off).")
     flags.DEFINE_integer("batch_size", 16, "Decoding batch size.")
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
@@ -225,7 +226,7 @@ def decode(f: flags.FlagValues) -> None:
     jobs = make_jobs(f.mode, tokenizer, labels, vectors, question=f.question, steps=f.steps,
                      strengths=[float(s) for s in f.strengths], concept=concept)
     config_s = prompts.sampling_config(tokenizer, f.max_new_tokens, f.batch_size, f.temperature, f.top_p,
-                                       f.repetition_penalty)
+                                       f.repetition_penalty, f.no_repeat_ngram_size)
     results = decode_jobs(model, tokenizer, jobs, config_s, f.seed)
     for r in results:
         print(readable(f.mode, r))

@@ -29,6 +29,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("n_novel", d.n_novel, "Vectors of each novel kind (Gaussian, midpoint).")
     flags.DEFINE_float("repetition_penalty", d.repetition_penalty,
                        "Repetition penalty of describe decoding (1 = off; OpenELM uses 1.2).")
+    flags.DEFINE_integer("no_repeat_ngram_size", d.no_repeat_ngram_size,
+                         "Never repeat an n-gram of generated tokens in describe / concept decoding (0 = off).")
     flags.DEFINE_enum("split", d.split, ["test", "validation"], "Held-out split.")
     flags.DEFINE_integer("seed", d.seed, "Seed of the trial and vector samples.")
 
@@ -46,7 +48,8 @@ def main(argv: list[str]) -> None:
         n_test=f.n_test, max_new_tokens=f.max_new_tokens, batch_size=f.batch_size, n_attribute=f.n_attribute,
         attribute_max_new_tokens=f.attribute_max_new_tokens, n_concept=f.n_concept,
         concept_max_new_tokens=f.concept_max_new_tokens, strengths=tuple(float(s) for s in f.strengths),
-        n_novel=f.n_novel, repetition_penalty=f.repetition_penalty, split=f.split, seed=f.seed)
+        n_novel=f.n_novel, repetition_penalty=f.repetition_penalty, no_repeat_ngram_size=f.no_repeat_ngram_size,
+        split=f.split, seed=f.seed)
     print(run_evaluation(f.workdir, sizes, f.step))
 
 

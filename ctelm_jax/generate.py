@@ -1,11 +1,12 @@
 """Batched KV-cache decoding for the ELM (and the bare Llama decoder): greedy or sampled, one compile per shape bucket.
 
 Prompts are sorted by length, grouped into batches and left-padded to a bucket length (a multiple of 16 up to 128
-tokens, a power of two beyond); batches are padded to a power-of-two row count with dummy rows. Padding has segment id 0 (attends to nothing real), positions count
-real tokens only, so a padded row decodes exactly as it would alone. The whole decode loop is one `jax.lax.while_loop`
-on device (no host round trip per token) that stops once every row has produced a stop token or `max_new_tokens`.
-Logits are processed as Hugging Face `generate` does, in this order: repetition penalty (over prompt + generated
-tokens), banned tokens, temperature, top-p; temperature 0 is greedy (argmax after the penalty).
+tokens, a power of two beyond); batches are padded to a power-of-two row count with dummy rows. Padding has segment
+id 0 (attends to nothing real), positions count real tokens only, so a padded row decodes exactly as it would alone.
+The whole decode loop is one `jax.lax.while_loop` on device (no host round trip per token) that stops once every row
+has produced a stop token or `max_new_tokens`. Logits are processed as Hugging Face `generate` does, in this order:
+repetition penalty (over prompt + generated tokens), no-repeat n-grams (over generated tokens, as `generate` given
+input embeddings), banned tokens, temperature, top-p; temperature 0 is greedy (argmax after the penalty).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class SamplingConfig:
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0  # 1: no nucleus filtering
     repetition_penalty: float = 1.0  # 1: off; OpenELM uses 1.2 (HF semantics)
+    no_repeat_ngram_size: int = 0  # n > 0: never repeat an n-gram of the generated tokens (HF semantics); 0: off
     stop_ids: tuple[int, ...] = ()  # a row stops after the first of these (it is included in the output)
     banned_ids: tuple[int, ...] = ()  # never generated (e.g. the embedding placeholder if it is in the vocabulary)
     batch_size: int = 16
@@ -49,6 +51,8 @@ class SamplingConfig:
             raise ValueError(f"top_p={self.top_p}; it must lie in (0, 1].")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty={self.repetition_penalty}; it must be positive (1 = off).")
+        if self.no_repeat_ngram_size < 0:
+            raise ValueError(f"no_repeat_ngram_size={self.no_repeat_ngram_size}; use 0 (off) or a positive n.")
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size}; it must be positive.")
 
@@ -75,11 +79,30 @@ def top_p_filter(logits: jax.Array, top_p: float) -> jax.Array:
     return jnp.where(remove, -jnp.inf, logits)
 
 
-def next_tokens(logits: jax.Array, seen: jax.Array | None, key: jax.Array, cfg: SamplingConfig) -> jax.Array:
-    """The next token (B,) from last-position logits (B, V) and the tokens seen so far (B, V) bool (None without a
-    repetition penalty)."""
+def repeated_ngram_bans(out: jax.Array, i: jax.Array, n: int, vocab_size: int) -> jax.Array:
+    """HF's `NoRepeatNGramLogitsProcessor` over generated tokens out[:, :i] (B, N): (B, V) True for each token that
+    would complete an n-gram already among them (the last n - 1 tokens followed by it)."""
+    b, length = out.shape
+    starts = length - n + 1  # n-gram start positions in the buffer
+    if starts < 1:
+        return jnp.zeros((b, vocab_size), bool)
+    last = jax.lax.dynamic_slice_in_dim(out, jnp.maximum(i - n + 1, 0), n - 1, axis=1) if n > 1 else out[:, :0]
+    match = jnp.arange(starts)[None, :] + n - 1 < i  # the n-gram lies wholly inside the generated tokens
+    for o in range(n - 1):
+        match &= out[:, o:o + starts] == last[:, o:o + 1]
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, starts))
+    bans = jnp.zeros((b, vocab_size), bool).at[rows, out[:, n - 1:]].max(match, mode="drop")
+    return bans & (i >= n - 1)
+
+
+def next_tokens(logits: jax.Array, seen: jax.Array | None, key: jax.Array, cfg: SamplingConfig,
+                bans: jax.Array | None = None) -> jax.Array:
+    """The next token (B,) from last-position logits (B, V), the tokens seen so far (B, V) bool (None without a
+    repetition penalty) and tokens banned for this step (B, V) bool (None: none)."""
     if cfg.repetition_penalty != 1.0:
         logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
+    if bans is not None:
+        logits = jnp.where(bans, -jnp.inf, logits)
     banned = [i for i in cfg.banned_ids if i < logits.shape[-1]]
     if banned:
         logits = logits.at[:, jnp.asarray(banned)].set(-jnp.inf)
@@ -140,7 +163,9 @@ def _decode_loop(
         logits, cache = decoder(embeds=decoder.embed(prev), positions=(lengths + i - 1)[:, None],
                                 segment_ids=jnp.ones((b, 1), jnp.int32), cache=cache)
         key, sub = jax.random.split(key)
-        token = next_tokens(logits[:, -1], seen, sub, cfg)
+        bans = (repeated_ngram_bans(out, i, cfg.no_repeat_ngram_size, logits.shape[-1])
+                if cfg.no_repeat_ngram_size else None)
+        token = next_tokens(logits[:, -1], seen, sub, cfg, bans)
         out, count, seen, done = emit(i, token, done, out, count, seen)
         return i + 1, cache, done, out, count, seen, key
 

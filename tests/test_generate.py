@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor, TopPLogitsWarper
+from transformers.generation.logits_process import (NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor,
+                                                    TopPLogitsWarper)
 
 from ctelm_jax import generate as gen
-from ctelm_jax.generate import SamplingConfig, apply_repetition_penalty, generate, top_p_filter
+from ctelm_jax.generate import (SamplingConfig, apply_repetition_penalty, generate, repeated_ngram_bans,
+                                top_p_filter)
 from ctelm_jax.models.adapter import Adapter
 from ctelm_jax.models.elm import ELM
 from ctelm_jax.models.llama import Llama, LlamaConfig
@@ -128,6 +130,23 @@ def test_repetition_penalty_matches_hf():
     ours = np.asarray(apply_repetition_penalty(jnp.asarray(logits), jnp.asarray(seen), 1.2))
     np.testing.assert_allclose(ours, ref, rtol=1e-6)
     assert (ours != logits).any()
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_no_repeat_ngram_bans_match_hf(n):
+    rng = np.random.default_rng(n)
+    out = rng.integers(0, 6, (4, 12))  # a small vocabulary, so n-grams repeat
+    for i in range(12):
+        ref = NoRepeatNGramLogitsProcessor(n)(torch.as_tensor(out[:, :i]), torch.zeros(4, 6)).numpy()
+        ours = np.asarray(repeated_ngram_bans(jnp.asarray(out), jnp.asarray(i), n, 6))
+        np.testing.assert_array_equal(ours, np.isinf(ref), err_msg=f"step {i}")
+
+
+def test_no_repeat_ngram_decoding_never_repeats(model):
+    cfg = SamplingConfig(max_new_tokens=24, no_repeat_ngram_size=2, batch_size=4)
+    for row in generate(model, PROMPTS, embeddings(), cfg):
+        bigrams = list(zip(row, row[1:]))
+        assert len(bigrams) == len(set(bigrams)) and len(row) == 24
 
 
 def test_top_p_keeps_the_right_set():

@@ -56,10 +56,12 @@ def stop_ids(tokenizer: Tokenizer) -> tuple[int, ...]:
 
 
 def sampling_config(tokenizer: Tokenizer, max_new_tokens: int, batch_size: int = 16, temperature: float = 0.0,
-                    top_p: float = 1.0, repetition_penalty: float = 1.0) -> SamplingConfig:
+                    top_p: float = 1.0, repetition_penalty: float = 1.0,
+                    no_repeat_ngram_size: int = 0) -> SamplingConfig:
     """Decoding settings for this tokenizer: stop at the end of the answer, never emit the placeholder."""
     return SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                          repetition_penalty=repetition_penalty, stop_ids=stop_ids(tokenizer),
+                          repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                          stop_ids=stop_ids(tokenizer),
                           banned_ids=(tokenizer.placeholder_id,), batch_size=batch_size, pad_id=tokenizer.pad_id)
 
 

@@ -65,12 +65,12 @@ def _attribute_table(attributes: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def _concept_table(concepts: dict[str, Any]) -> str:
+def _concept_table(concepts: dict[str, Any], split: str) -> str:
     lines = []
     for name, c in concepts["curves"].items():
         d = concepts["definitions"][name]
         lines += [f"**{name}** ({d['description']}; {d['positive']} vs {d['negative']} training trials; "
-                  f"{c['n']} test trials; net shift against strength: {c['shape']})", "",
+                  f"{c['n']} {split} trials; net shift against strength: {c['shape']})", "",
                   "| strength | parsed | toward | away | net | in positive group | in negative group | mean score |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in c["curve"]:
@@ -134,7 +134,7 @@ def markdown(results: dict[str, Any], cosine_png: bool, concepts_png: bool) -> s
     parts = [
         f"# Evaluation of {results['workdir']} (step {results['step']}, {results['split']} split)", "",
         f"Encoder for re-embedding: {results['encoder']}. Greedy decoding, repetition penalty "
-        f"{sizes['repetition_penalty']}.", "",
+        f"{sizes['repetition_penalty']}, no-repeat n-gram size {sizes.get('no_repeat_ngram_size', 0)} (0 = off).", "",
         f"## Describe ({sizes['n_test']} trials, up to {sizes['max_new_tokens']} new tokens)", "",
         describe_table(results), "",
         describe_verdict(results), "",
@@ -154,7 +154,7 @@ def markdown(results: dict[str, Any], cosine_png: bool, concepts_png: bool) -> s
               "and renormalised, then described. Age score: midpoint of the decoded age range (open ends 0 and 100 "
               "years); sex score: women +1, all 0, men -1; toward/away: the score moved in/against the concept's "
               "direction compared with strength 0; net = toward - away.", "",
-              _concept_table(results["concepts"])]
+              _concept_table(results["concepts"], results["split"])]
     if concepts_png:
         parts += [f"![concept curves]({CONCEPTS_PNG})", ""]
     parts += ["## Novel vectors", "",

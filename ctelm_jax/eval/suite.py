@@ -51,6 +51,7 @@ class EvalSizes:
     strengths: tuple[float, ...] = (-1.0, -0.5, 0.0, 0.5, 1.0)
     n_novel: int = 8
     repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 4  # 0 on the validation split: 47% well-formed, re-embed cosine 0.506; 4: 78%, 0.560
     split: str = "test"
     seed: int = 0
 
@@ -118,7 +119,8 @@ def evaluate_run(workdir: str | Path, sizes: EvalSizes = EvalSizes(), encode: En
     truths = [render.render_text(r) for r in records]
     describe = prompts.describe_prompt(tokenizer)
     cfg = prompts.sampling_config(tokenizer, sizes.max_new_tokens, sizes.batch_size,
-                                  repetition_penalty=sizes.repetition_penalty)
+                                  repetition_penalty=sizes.repetition_penalty,
+                                  no_repeat_ngram_size=sizes.no_repeat_ngram_size)
     singles = [v[None] for v in vectors]
     texts = {"ELM": prompts.decode_texts(model, tokenizer, [describe] * len(rows), singles, cfg)}
     lap("describe (ELM)")
@@ -167,7 +169,8 @@ def evaluate_run(workdir: str | Path, sizes: EvalSizes = EvalSizes(), encode: En
     concept_rows = _pick(len(held_out.records), sizes.n_concept, np.random.default_rng(sizes.seed + 3))
     base = held_out.embeddings[concept_rows]
     concept_cfg = prompts.sampling_config(tokenizer, sizes.concept_max_new_tokens, sizes.batch_size,
-                                          repetition_penalty=sizes.repetition_penalty)
+                                          repetition_penalty=sizes.repetition_penalty,
+                                          no_repeat_ngram_size=sizes.no_repeat_ngram_size)
     jobs_c = [(c.name, s) for c in curve_concepts for s in strengths if s != 0.0] + [("", 0.0)]
     moved = [concepts_lib.apply(base, concepts[c].vector, s) if c else base for c, s in jobs_c]
     decoded = prompts.decode_texts(model, tokenizer, [describe] * (len(jobs_c) * len(base)),
