@@ -22,5 +22,10 @@ run: setup
 test: setup
 	$(PY) -m pytest -q -n 2 --durations=15 tests
 
+bench: setup  # side-by-side with the PyTorch stack; results go to BENCHMARKS.md by hand, with the machine and date
+	$(PY) bench/train_step.py
+	$(PY) bench/decode.py
+	$(PY) bench/compile.py
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache
