@@ -19,7 +19,7 @@ from ctelm_jax.models.adapter import Adapter, set_standardisation
 from ctelm_jax.models.build import build_elm
 from ctelm_jax.models.elm import ELM
 from ctelm_jax.models.llama import Llama, LlamaConfig
-from ctelm_jax.train.checkpoint import Checkpointer, CheckpointMismatch
+from ctelm_jax.train.checkpoint import Checkpointer, CheckpointMismatch, restore_params
 from ctelm_jax.weights import elm_export
 from ctelm_jax.weights.default import default_gguf_path
 from ctelm_jax.weights.elm_export import export_elm, import_elm, maybe_export
@@ -304,9 +304,12 @@ def test_config_weights_mismatch_raises(tmp_path, run_dir):
     config = json.loads((bad / "config.json").read_text())
     config["model"]["adapter_hidden"] = 40
     (bad / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointMismatch, match="adapter/fc_in"):
+    with pytest.raises(CheckpointMismatch, match=r"adapter/fc_in/\w+ has shape \(64,\) but .* is \(40,\)"):
         elm_export.export_run(bad, tmp_path / "hf")
     assert not (tmp_path / "hf").exists() and siblings(bad) == ["bad_run"]
+    template = {"adapter": {"input_mean": np.zeros(32, np.float32)}, "extra": np.zeros(3, np.float32)}
+    with pytest.raises(CheckpointMismatch, match="parameter extra is missing; .* older ctelm_jax"):
+        restore_params(workdir / "checkpoints", template)
 
 
 def test_maybe_export_every_n_steps(tmp_path, run_dir, tokenizer):

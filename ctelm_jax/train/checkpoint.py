@@ -98,9 +98,16 @@ def restore_params(directory: str | Path, template: dict, step: int | None = Non
     out = {}
     for key, leaf in traverse_util.flatten_dict(template).items():
         skey = tuple(str(p) for p in key)
-        if skey not in saved or tuple(saved[skey].shape) != tuple(leaf.shape):
-            raise CheckpointMismatch(f"{directory} step {step}: parameter {'/'.join(skey)} is missing or has another "
-                                     f"shape than the configured model's {tuple(leaf.shape)}.")
+        name = "/".join(skey)
+        if skey not in saved:
+            raise CheckpointMismatch(
+                f"{directory} step {step}: parameter {name} is missing; the checkpoint was written for another model "
+                "or by an older ctelm_jax (before the adapter's input statistics were saved with it). Use the code "
+                "and config that wrote it, or train a new run in a fresh workdir.")
+        if tuple(saved[skey].shape) != tuple(leaf.shape):
+            raise CheckpointMismatch(
+                f"{directory} step {step}: parameter {name} has shape {tuple(saved[skey].shape)} but the configured "
+                f"model's is {tuple(leaf.shape)}; the config does not describe the model this checkpoint holds.")
         out[key] = np.asarray(saved[skey])
     manager.close()
     return traverse_util.unflatten_dict(out), step
