@@ -11,21 +11,8 @@ EOF
 }
 die() { echo "error: $*" >&2; exit 2; }
 
-q() {
-  local s=$1 sq="'"
-  if [[ -z $s ]]; then
-    printf "''"
-  elif [[ $s =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-    printf '%s' "$s"
-  else
-    printf "'%s'" "${s//$sq/$sq\"$sq\"$sq}"
-  fi
-}
-qjoin() {
-  local out='' w
-  for w in "$@"; do out+="${out:+ }$(q "$w")"; done
-  printf '%s' "$out"
-}
+# shellcheck source=launch/quote.sh
+source "$(dirname "${BASH_SOURCE[0]}")/quote.sh"
 
 NODES='' GPUS=8 PARTITION='' WORKDIR='' TIME='' ACCOUNT='' JOB=ctelm INIT_TIMEOUT=${CTELM_INIT_TIMEOUT_S:-300}
 DRY_RUN=0

@@ -30,22 +30,8 @@ die() { echo "error: $*" >&2; exit 2; }        # bad input: exit 2
 fail() { echo "error: $*" >&2; exit 1; }       # a step failed
 note() { echo "[tpu_vm] $*" >&2; }
 
-# Quote one word the way Python's shlex.quote does, so printed commands can be pasted back into a shell.
-q() {
-  local s=$1 sq="'"
-  if [[ -z $s ]]; then
-    printf "''"
-  elif [[ $s =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-    printf '%s' "$s"
-  else
-    printf "'%s'" "${s//$sq/$sq\"$sq\"$sq}"
-  fi
-}
-qjoin() {
-  local out='' w
-  for w in "$@"; do out+="${out:+ }$(q "$w")"; done
-  printf '%s' "$out"
-}
+# shellcheck source=launch/quote.sh
+source "$(dirname "${BASH_SOURCE[0]}")/quote.sh"
 
 # The printed commands go to fd 3: stdout under --dry-run (also from inside $(...)), else stderr.
 # run CMD...: print it; run it unless --dry-run.
