@@ -28,7 +28,6 @@ from ctelm_jax import concepts as concepts_lib
 from ctelm_jax.data import render
 from ctelm_jax.data.tasks import attribute_answer
 from ctelm_jax.eval import metrics, probes, prompts, report
-from ctelm_jax.models.adapter import set_standardisation
 from ctelm_jax.models.build import build_elm
 from ctelm_jax.train.inputs import encoder_dir, load_splits
 from ctelm_jax.trained import load_trained
@@ -107,9 +106,7 @@ def evaluate_run(workdir: str | Path, sizes: EvalSizes = EvalSizes(), encode: En
     encoder_note = "given encoder"
     if encode is None:
         encode, encoder_note = run_encoder(config)
-    baseline_model = build_elm(config.model, tokenizer)
-    if config.model.get("standardize_adapter_input", False):  # the run's step 0
-        set_standardisation(baseline_model.adapter, train.embeddings)
+    baseline_model = build_elm(config.model, tokenizer, train_embeddings=train.embeddings)  # the run's step 0
     lap("load")
 
     rng = np.random.default_rng(sizes.seed)

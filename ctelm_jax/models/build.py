@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from ctelm_jax.models.adapter import Adapter
+from ctelm_jax.models.adapter import Adapter, set_standardisation
 from ctelm_jax.models.elm import ELM
 from ctelm_jax.models.llama import Constrain, Llama, LlamaConfig, RopeScaling, no_constraint
 from ctelm_jax.weights.hf import decoder_from_hf, read_config, read_tensors
@@ -42,8 +43,10 @@ def load_tokenizer(model_cfg: Mapping[str, Any]) -> Tokenizer:
     return Tokenizer.from_dir(model_cfg.get("tokenizer") or decoder_dir(model_cfg))
 
 
-def build_elm(model_cfg: Mapping[str, Any], tokenizer: Tokenizer, constrain: Constrain = no_constraint) -> ELM:
-    """Decoder (pretrained weights unless `arch` asks for a random one) + fresh adapter, on the host."""
+def build_elm(model_cfg: Mapping[str, Any], tokenizer: Tokenizer, constrain: Constrain = no_constraint,
+              train_embeddings: np.ndarray | None = None) -> ELM:
+    """Decoder (pretrained weights unless `arch` asks for a random one) + fresh adapter, on the host: a run's step 0.
+    With `train_embeddings` and `standardize_adapter_input`, the adapter's input statistics come from them."""
     cfg = decoder_config(model_cfg)
     if len(tokenizer) > cfg.vocab_size + 1:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the decoder's vocabulary is {cfg.vocab_size}; "
@@ -55,6 +58,8 @@ def build_elm(model_cfg: Mapping[str, Any], tokenizer: Tokenizer, constrain: Con
         decoder_from_hf(decoder, read_tensors(path), source=str(path))
     adapter = Adapter(int(model_cfg["domain_dim"]), int(model_cfg["adapter_hidden"]), cfg.hidden_size, rngs=rngs,
                       param_dtype=jnp.dtype(cfg.param_dtype), dtype=jnp.dtype(cfg.dtype))
+    if train_embeddings is not None and model_cfg.get("standardize_adapter_input", False):
+        set_standardisation(adapter, train_embeddings)
     return ELM(decoder, adapter, tokenizer.placeholder_id)
 
 

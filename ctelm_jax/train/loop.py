@@ -19,7 +19,6 @@ from flax import nnx, traverse_util
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from ctelm_jax.models.adapter import set_standardisation
 from ctelm_jax.models.build import build_elm, decoder_config, load_tokenizer, model_signature
 from ctelm_jax.parallel.mesh import make_mesh
 from ctelm_jax.parallel.rules import as_rules, batch_sharding, constrainer, state_shardings
@@ -96,9 +95,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
     curriculum = Curriculum(config.stages, tasks)
     tokenizer = load_tokenizer(config.model)
     data = inputs.load_splits(config, workdir, tokenizer)
-    model = build_elm(config.model, tokenizer, constrain=constrainer(mesh, rules))
-    if config.model.standardize_adapter_input:  # a resumed run restores the statistics it started with
-        set_standardisation(model.adapter, data["train"].embeddings)
+    # A resumed run restores the adapter statistics it started with over these.
+    model = build_elm(config.model, tokenizer, constrain=constrainer(mesh, rules),
+                      train_embeddings=data["train"].embeddings)
     graphdef, state = nnx.split(model)
     del model
     param_shardings = nnx.to_pure_dict(state_shardings(state, mesh, rules))
