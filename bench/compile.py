@@ -22,7 +22,7 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/ lives at the repo root
 from configs.default import get_config  # noqa: E402
-from ctelm_jax.generate import SamplingConfig, _length_bucket, generate  # noqa: E402
+from ctelm_jax.generate import SamplingConfig, length_bucket, generate  # noqa: E402
 from ctelm_jax.models.build import build_elm, load_tokenizer  # noqa: E402
 from ctelm_jax.train.optimizer import make_optimizer, param_labels  # noqa: E402
 from ctelm_jax.train.step import TrainState, make_train_step  # noqa: E402
@@ -61,7 +61,7 @@ def decode_compile(model, tokenizer, lengths: list[int]) -> None:
             t = time.perf_counter()
             generate(model, [prompt] * 16, vectors, cfg)
             times.append(time.perf_counter() - t)
-        print(f"| {n} | {_length_bucket(n)} | {times[0]:.1f} | {times[1]:.1f} | {times[0] - times[1]:.1f} |",
+        print(f"| {n} | {length_bucket(n)} | {times[0]:.1f} | {times[1]:.1f} | {times[0] - times[1]:.1f} |",
               flush=True)
 
 

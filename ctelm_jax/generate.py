@@ -201,7 +201,7 @@ def _pow2(n: int) -> int:
     return b
 
 
-def _length_bucket(n: int) -> int:
+def length_bucket(n: int) -> int:
     """The padded prompt length for a longest prompt of n tokens (few buckets, little padding on short prompts)."""
     return -(-n // LENGTH_STEP) * LENGTH_STEP if n <= POW2_FROM else _pow2(n)
 
@@ -258,7 +258,7 @@ def generate(model: ELM, prompts: Sequence[Sequence[int]], embeddings: Sequence[
     for batch_index, start in enumerate(range(0, len(order), config.batch_size)):
         rows = order[start:start + config.batch_size]
         b = _pow2(len(rows))
-        t = _length_bucket(max(len(prompts[i]) for i in rows))
+        t = length_bucket(max(len(prompts[i]) for i in rows))
         e = _pow2(max(max(embeddings[i].shape[0] for i in rows), 1))
         tokens = np.full((b, t), config.pad_id, np.int32)
         segments = np.zeros((b, t), np.int32)

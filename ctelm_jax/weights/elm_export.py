@@ -53,10 +53,10 @@ def adapter_to_hf(adapter: Adapter) -> Tensors:
     """The adapter as `adapter.{0,2}.{weight,bias}` numpy tensors (PyTorch (out, in) layout), its input
     standardisation folded into `adapter.0` so that the file is the plain Linear -> ReLU -> Linear of OpenELM."""
     dtype = np.asarray(adapter.fc_in.kernel[...]).dtype
-    kernel_in, bias_in = folded_input_layer(adapter)
-    layers = {"0": (kernel_in, bias_in), "2": (adapter.fc_out.kernel[...], adapter.fc_out.bias[...])}
     out: Tensors = {}
-    for index, (kernel, bias) in layers.items():
+    for index, attr in ADAPTER_LAYERS.items():
+        dense = getattr(adapter, attr)
+        kernel, bias = folded_input_layer(adapter) if attr == "fc_in" else (dense.kernel[...], dense.bias[...])
         out[f"adapter.{index}.weight"] = np.ascontiguousarray(np.asarray(kernel).T.astype(dtype))
         out[f"adapter.{index}.bias"] = np.asarray(bias).astype(dtype)
     return out
