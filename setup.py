@@ -17,6 +17,7 @@ setup(
         "grain",
         "tensorflow-datasets",
         "etils[epath]",
+        "gcsfs",  # gs:// workdirs and exports (epath's gs:// backend)
         "array-record",
         "absl-py",
         "ml_collections",
@@ -28,12 +29,18 @@ setup(
         "tqdm",
         "tensorboardX",
         "matplotlib",
+        "plotly",  # the explorer page (plotly.js inlined)
+        "scikit-learn",  # the explorer's PCA, k-means
         "rouge-score",
         "sacrebleu",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "execnet"],
+        # selenium drives the Debian chromium + chromium-driver that `make setup` installs (it downloads nothing).
+        # gcp-storage-emulator serves gs:// on 127.0.0.1 for tests/test_remote_workdir.py.
+        "test": ["pytest", "pytest-xdist", "execnet", "selenium", "gcp-storage-emulator"],
         # PyTorch side of the parity checks and the reference loader; CPU wheel, pinned.
         "hf": ["torch==2.13.0", "accelerate", "sentence-transformers", "peft"],
+        # The TPU compiler (libtpu) for `ctelm_jax.aot` on machines without a TPU; JAX stays on CPU there.
+        "tpu": ["jax[tpu]"],
     },
 )

@@ -18,9 +18,9 @@ import jax
 from absl import app
 
 from ctelm_jax.data.corpus import load_records
-from ctelm_jax.data.embeddings import embed_corpus, load_embeddings
+from ctelm_jax.data.embeddings import embed_corpus, load_embeddings, load_encoder
 from ctelm_jax.data.render import render_text
-from ctelm_jax.embed import FLAGS, load_encoder
+from ctelm_jax.embed import FLAGS
 
 
 def main(argv: Sequence[str]) -> None:

@@ -39,7 +39,7 @@ def model_config(model: str):
     c = base_config()
     c.model.lora_rank, c.model.lora_alpha, c.model.lora_targets = LORA_RANK, LORA_ALPHA, LORA_TARGETS
     if model == "1b":
-        c.model.arch = dict(LLAMA_1B)
+        c.model.decoder, c.model.tokenizer, c.model.arch = "random", "default", dict(LLAMA_1B)
     return c.model
 
 

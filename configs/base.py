@@ -11,9 +11,11 @@ def base_config() -> ml_collections.ConfigDict:
     """Defaults: embedded SmolLM2-135M-Instruct decoder + all-MiniLM-L6-v2 encoder, LoRA on q/k as OpenELM."""
     c = ml_collections.ConfigDict()
     c.model = ml_collections.ConfigDict(dict(
-        decoder="default",          # 'default' (embedded SmolLM2-135M-Instruct) or a Hugging Face Llama folder
-        tokenizer="",               # '' = the decoder folder's tokenizer
-        arch=ml_collections.ConfigDict(),  # non-empty: a randomly initialised decoder of this LlamaConfig (tests)
+        decoder="default",          # 'default' (embedded SmolLM2-135M-Instruct), a Hugging Face Llama folder, or
+                                    # 'random': a randomly initialised decoder of shape `arch` (tests, benchmarks)
+        tokenizer="",               # '' = the decoder folder's tokenizer; 'default' = the embedded SmolLM2's; a folder
+        arch=ml_collections.ConfigDict(),  # LlamaConfig fields: the random decoder's shape, or the shape a pretrained
+                                    # folder must have (checked at start; the sizing and AOT tools read it)
         dtype="float32", param_dtype="float32", scan_layers=False, remat_policy="none",
         lora_rank=16, lora_alpha=32.0, lora_targets=("q_proj", "k_proj"),
         domain_dim=384, adapter_hidden=1024, seed=0,

@@ -1,6 +1,7 @@
 """Llama-3.1-8B-Instruct + bge-large-en-v1.5 on one node of 8 x H100 80 GB: the v5p-8 recipe with fsdp over 8 GPUs.
 
-As in `configs/llama31_8b_v5p8.py`, set `model.decoder` and `data.encoder` to real folders and clear `model.arch`.
+As in `configs/llama31_8b_v5p8.py`, training needs `--config.model.decoder=/path/to/Llama-3.1-8B-Instruct` and
+`--config.data.encoder=/path/to/bge-large-en-v1.5`.
 
 JAX preallocates 75% of GPU memory by default; the batch here assumes `XLA_PYTHON_CLIENT_MEM_FRACTION=0.95`
 in the environment of every process. Sizing

@@ -1,15 +1,20 @@
 """Llama-3.1-8B-Instruct + bge-large-en-v1.5 (1024-d) at ctELM's scale on a TPU v5p-8 (4 chips, 95 GiB HBM each).
 
-Before training, point `model.decoder` at a Hugging Face Llama-3.1-8B(-Instruct) folder (config.json, safetensors,
-tokenizer) and `data.encoder` at a bge-large-en-v1.5 folder, and delete the `model.arch` line below (a flag cannot
-clear it): while `arch` is set, `models.build.build_elm` builds a randomly initialised decoder of that shape and reads
-no weights, and the tokenizer is still read from `model.decoder`. The sizing tool and tests use `arch`; there is no
-checkpoint in this repository.
+Training needs the two folders, given as flags (there is no checkpoint in this repository):
 
-Sizing (`python -m ctelm_jax.sizing --config=configs/llama31_8b_v5p8.py --num_devices=4 --memory_gib=95`): with
+    python -m ctelm_jax.train --config=configs/llama31_8b_v5p8.py --workdir=gs://BUCKET/run \
+        --config.model.decoder=/path/to/Llama-3.1-8B-Instruct --config.data.encoder=/path/to/bge-large-en-v1.5
+
+A missing flag or folder stops the run before any work with one line naming the flag. `model.arch` declares the
+decoder's shape: the sizing and AOT tools read it without weights, and training checks the folder's config.json
+against it.
+
+Memory (the TPU compiler: `python -m ctelm_jax.aot --config=configs/llama31_8b_v5p8.py --topology=v5p:2x2x1`): with
 fp32 parameters (Adam on the adapter and LoRA factors stays exact), bf16 compute, scanned layers and no remat,
-fsdp=4 keeps 7.5 GiB of parameters per chip and the largest per-chip batch of the multitask stage (the larger one)
-under 85% of 95 GiB is 13 rows of 512 tokens (global 52). Rendered trials are ~130 tokens; rows pack several tasks.
+fsdp=4 keeps 7.5 GiB of parameters per chip; the multitask stage (the larger one) at 12 rows of 512 tokens per chip
+(global 48) peaks at 81.6 GiB per chip, 86% of 95 GiB; 13 rows (91.8%) would leave less than 10%. The sizing tool
+(`python -m ctelm_jax.sizing ... --num_devices=4 --memory_gib=95`) says 75.6 GiB. Rendered trials are ~130 tokens;
+rows pack several tasks.
 """
 
 import ml_collections
@@ -26,8 +31,8 @@ LLAMA31_8B = dict(
 def get_config() -> ml_collections.ConfigDict:
     """Adapter alignment, then adapter + LoRA (r 16 on q/k/v/o) multitask, bf16 compute, fsdp over the 4 chips."""
     c = base_config()
-    c.model.decoder = "/path/to/Llama-3.1-8B-Instruct"  # fill in: a Hugging Face folder with the weights
-    c.model.arch = ml_collections.ConfigDict(LLAMA31_8B)  # delete once `decoder` points at the real weights
+    c.model.decoder = ""  # required: --config.model.decoder=/path/to/Llama-3.1-8B-Instruct (HF folder)
+    c.model.arch = ml_collections.ConfigDict(LLAMA31_8B)  # the declared shape, checked against that folder
     c.model.dtype = "bfloat16"
     c.model.param_dtype = "float32"
     c.model.scan_layers = True
@@ -37,15 +42,15 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")
     c.model.domain_dim = 1024
     c.model.adapter_hidden = 4096
-    c.data.encoder = "/path/to/bge-large-en-v1.5"  # fill in: the sentence-transformers folder (1024-d)
+    c.data.encoder = ""  # required: --config.data.encoder=/path/to/bge-large-en-v1.5 (sentence-transformers, 1024-d)
     c.data.seq_len = 512
-    c.data.global_batch_size = 52
+    c.data.global_batch_size = 48
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=4, tensor=1))
     c.stages = [
         dict(name="align", steps=1000, trainable=("adapter",), tasks={"describe": 1.0}, learning_rate=1e-3,
              warmup_steps=50),
         dict(name="multitask", steps=3000, trainable=("adapter", "lora"),
-             tasks={"describe": 0.4, "attributes": 0.25, "compare": 0.15, "concept": 0.1, "reconstruct": 0.1},
+             tasks={"describe": 0.4, "attributes": 0.25, "compare": 0.15, "concept": 0.1, "eligibility": 0.1},
              learning_rate=2e-4, warmup_steps=100),
     ]
     c.checkpoint.every_steps = 250

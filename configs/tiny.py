@@ -8,6 +8,8 @@ from configs.base import base_config
 def get_config() -> ml_collections.ConfigDict:
     """2 layers, hidden 64, GQA 4/2 heads, random 32-d embeddings, 2 short stages."""
     c = base_config()
+    c.model.decoder = "random"
+    c.model.tokenizer = "default"
     c.model.arch = ml_collections.ConfigDict(dict(
         vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
         rope_theta=10000.0, tie_word_embeddings=True, max_position_embeddings=512))

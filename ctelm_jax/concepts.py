@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
+import os
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
+from etils import epath
 
+from ctelm_jax import fs
 from ctelm_jax.data import render
 from ctelm_jax.data.render import TrialFields
 
@@ -103,37 +105,38 @@ def apply(embedding: np.ndarray, vector: np.ndarray, strength: float) -> np.ndar
     return (moved / norm).astype(np.float32)
 
 
-def save(workdir: str | Path, concepts: Mapping[str, Concept], source: str = "") -> Path:
+def save(workdir: str | os.PathLike, concepts: Mapping[str, Concept], source: str = "") -> epath.Path:
     """Writes `<workdir>/concepts.npz` and `<workdir>/concepts.json`; returns the .npz path."""
-    workdir = Path(workdir)
+    workdir = fs.as_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    np.savez(workdir / NPZ, **{name: c.vector for name, c in concepts.items()})
+    with (workdir / NPZ).open("wb") as f:
+        np.savez(f, **{name: c.vector for name, c in concepts.items()})
     meta = {name: {"positive": c.positive, "negative": c.negative, "description": c.description,
                    "norm": float(np.linalg.norm(c.vector))} for name, c in concepts.items()}
     (workdir / JSON).write_text(json.dumps({"source": source, "concepts": meta}, indent=1) + "\n")
     return workdir / NPZ
 
 
-def load(workdir: str | Path) -> dict[str, Concept]:
+def load(workdir: str | os.PathLike) -> dict[str, Concept]:
     """The concepts saved with a run; FileNotFoundError says how to make them."""
-    workdir = Path(workdir)
+    workdir = fs.as_path(workdir)
     if not (workdir / NPZ).is_file() or not (workdir / JSON).is_file():
         raise FileNotFoundError(f"{workdir}: no concept vectors ({NPZ} + {JSON}); compute them with "
                                 f"`python -m ctelm_jax.concepts --workdir={workdir}` (or run the evaluation).")
     meta = json.loads((workdir / JSON).read_text())["concepts"]
-    with np.load(workdir / NPZ) as arrays:
+    with (workdir / NPZ).open("rb") as f, np.load(f) as arrays:
         return {name: Concept(name, arrays[name].astype(np.float32), m["positive"], m["negative"], m["description"])
                 for name, m in meta.items()}
 
 
-def write_for_run(workdir: str | Path) -> dict[str, Concept]:
+def write_for_run(workdir: str | os.PathLike) -> dict[str, Concept]:
     """Computes the built-in concepts from a run's training split and saves them with the run."""
     from ctelm_jax.models.build import load_tokenizer
     from ctelm_jax.train.inputs import load_splits
     from ctelm_jax.trained import load_run_config
 
     config = load_run_config(workdir)
-    train = load_splits(config, Path(workdir), load_tokenizer(config.model))["train"]
+    train = load_splits(config, workdir, load_tokenizer(config.model))["train"]
     concepts = builtin(train.records, train.embeddings)
     save(workdir, concepts, source="train split")
     return concepts

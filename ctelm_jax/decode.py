@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
+import os
 from typing import Any, Sequence
 
 import numpy as np
 from absl import app, flags, logging
+from etils import epath
 
 from ctelm_jax import concepts as concepts_lib
+from ctelm_jax import fs
 from ctelm_jax.data import render
 from ctelm_jax.eval import prompts
 from ctelm_jax.generate import SamplingConfig
@@ -65,12 +67,13 @@ def check_vectors(array: np.ndarray, dim: int, source: str) -> np.ndarray:
     return array.astype(np.float32)
 
 
-def vectors_from_npy(path: str | Path, dim: int) -> tuple[list[str], np.ndarray]:
-    """(labels, vectors) of a .npy file."""
-    path = Path(path)
+def vectors_from_npy(path: str | os.PathLike, dim: int) -> tuple[list[str], np.ndarray]:
+    """(labels, vectors) of a .npy file (local or remote)."""
+    path = fs.as_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--npy={path}: no such file.")
-    vectors = check_vectors(np.load(path, allow_pickle=False), dim, str(path))
+    with path.open("rb") as f:
+        vectors = check_vectors(np.load(f, allow_pickle=False), dim, str(path))
     return [f"{path.name}[{i}]" for i in range(len(vectors))], vectors
 
 
@@ -156,7 +159,7 @@ def readable(mode: str, result: dict[str, Any]) -> str:
 
 def define_flags() -> None:
     """Defines the CLI's flags (only when run as a program)."""
-    flags.DEFINE_string("workdir", None, "Run directory (config.json + checkpoints/).", required=True)
+    flags.DEFINE_string("workdir", None, "Run directory (config.json + checkpoints/; local or gs://).", required=True)
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
     flags.DEFINE_enum("mode", "describe", MODES, "What to decode.")
     flags.DEFINE_multi_string("texts", [], "Trial texts to embed with the run's encoder (repeat the flag).")
@@ -176,7 +179,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
 
-def _input_vectors(f: flags.FlagValues, workdir: Path, config: Any,
+def _input_vectors(f: flags.FlagValues, workdir: epath.Path, config: Any,
                    tokenizer: Tokenizer) -> tuple[list[str], np.ndarray]:
     """(labels, vectors) from whichever of --texts / --npy / --nctids was given."""
     dim = int(config.model.domain_dim)
@@ -214,7 +217,7 @@ def decode(f: flags.FlagValues) -> None:
     """Loads the run, builds the prompts of --mode, decodes, prints and writes the results."""
     from ctelm_jax.trained import load_trained
 
-    workdir = Path(f.workdir)
+    workdir = fs.as_path(f.workdir)
     concept = None
     if f.mode == "concept":
         saved = concepts_lib.load(workdir)
@@ -231,8 +234,9 @@ def decode(f: flags.FlagValues) -> None:
     for r in results:
         print(readable(f.mode, r))
     if f.out:
-        Path(f.out).parent.mkdir(parents=True, exist_ok=True)
-        with open(f.out, "w") as out:
+        out_path = fs.as_path(f.out)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        with out_path.open("w") as out:
             for r in results:
                 out.write(json.dumps({"mode": f.mode, "workdir": str(workdir), "step": step, **r}) + "\n")
         print(f"wrote {len(results)} results to {f.out}")

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 from absl import app, flags
 
@@ -15,7 +15,8 @@ from ctelm_jax.eval.suite import EvalSizes, evaluate_run
 def define_flags() -> None:
     """Defines the CLI's flags (only when run as a program: importing `run_evaluation` defines none)."""
     d = EvalSizes()
-    flags.DEFINE_string("workdir", None, "Run directory (config.json + checkpoints/).", required=True)
+    flags.DEFINE_string("workdir", None, "Run directory (config.json + checkpoints/; local or gs://).",
+                        required=True)
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
     flags.DEFINE_integer("n_test", d.n_test, "Held-out trials to describe.")
     flags.DEFINE_integer("max_new_tokens", d.max_new_tokens, "Token budget of a description.")
@@ -35,7 +36,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("seed", d.seed, "Seed of the trial and vector samples.")
 
 
-def run_evaluation(workdir: str | Path, sizes: EvalSizes = EvalSizes(), step: int | None = None) -> str:
+def run_evaluation(workdir: str | os.PathLike, sizes: EvalSizes = EvalSizes(), step: int | None = None) -> str:
     """Evaluates the run in `workdir` (latest checkpoint unless `step`) and returns the report's markdown."""
     return evaluate_run(workdir, sizes, step=step)
 

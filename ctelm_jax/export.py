@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from pathlib import Path
 
 from absl import app, flags, logging
+from etils import epath
 
 from ctelm_jax.weights.elm_export import LORA_MODES, export_run
 
@@ -33,9 +33,11 @@ def parse_size(text: str) -> int:
 
 def define_flags(fv: flags.FlagValues) -> None:
     """Defines the export flags in `fv`."""
-    flags.DEFINE_string("checkpoint", None, "Run directory (the --workdir of training).", flag_values=fv)
+    flags.DEFINE_string("checkpoint", None, "Run directory (the --workdir of training; local or gs://).",
+                        flag_values=fv)
     flags.DEFINE_integer("step", None, "Checkpoint step to export; default: the latest.", flag_values=fv)
-    flags.DEFINE_string("out", None, "Output folder; must not exist or be empty unless --overwrite.", flag_values=fv)
+    flags.DEFINE_string("out", None, "Output folder (local or gs://); must not exist or be empty unless --overwrite.",
+                        flag_values=fv)
     flags.DEFINE_enum("lora", "merge", LORA_MODES, "merge: LoRA folded into the base weights; peft: kept as a PEFT "
                       "adapter (adapter_config.json + adapter_model.safetensors) beside them.", flag_values=fv)
     flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out (atomically).", flag_values=fv)
@@ -44,7 +46,7 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.mark_flags_as_required(["checkpoint", "out"], flag_values=fv)
 
 
-def run(fv: flags.FlagValues) -> Path:
+def run(fv: flags.FlagValues) -> epath.Path:
     """Exports the run named by parsed flags `fv`; returns the folder."""
     return export_run(fv.checkpoint, fv.out, fv.step, fv.lora, fv.overwrite, parse_size(fv.max_shard_size))
 

@@ -175,8 +175,8 @@ def _decode_loop(
 
 
 @partial(jax.jit, static_argnums=(0, 1))
-def _generate_elm(graphdef: nnx.GraphDef, cfg: SamplingConfig, state: nnx.State, tokens: jax.Array,
-                  segment_ids: jax.Array, embeddings: jax.Array, done: jax.Array, key: jax.Array):
+def decode_batch(graphdef: nnx.GraphDef, cfg: SamplingConfig, state: nnx.State, tokens: jax.Array,
+                 segment_ids: jax.Array, embeddings: jax.Array, done: jax.Array, key: jax.Array):
     """One padded batch through the ELM: soft tokens spliced at placeholders, then the decode loop."""
     model = nnx.merge(graphdef, state)
     x = model.input_embeddings(tokens, embeddings)
@@ -252,6 +252,8 @@ def generate(model: ELM, prompts: Sequence[Sequence[int]], embeddings: Sequence[
         return []
     key = _as_key(rng)
     graphdef, state = nnx.split(model)
+    # Weights stay where they are (a loaded run's lie sharded on its mesh); host arrays go up once, not every batch.
+    state = jax.device_put(state)
     d = model.adapter.domain_dim
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[list[int]] = [[] for _ in prompts]
@@ -271,8 +273,8 @@ def generate(model: ELM, prompts: Sequence[Sequence[int]], embeddings: Sequence[
             segments[j, t - len(p):] = 1
             emb[j, : embeddings[i].shape[0]] = embeddings[i]
             done[j] = False
-        out, count = _generate_elm(graphdef, config, state, tokens, segments, emb, done,
-                                   jax.random.fold_in(key, batch_index))
+        out, count = decode_batch(graphdef, config, state, tokens, segments, emb, done,
+                                  jax.random.fold_in(key, batch_index))
         out, count = np.asarray(out), np.asarray(count)
         for j, i in enumerate(rows):
             results[i] = out[j, : count[j]].tolist()

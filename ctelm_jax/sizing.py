@@ -30,16 +30,19 @@ import jax.numpy as jnp
 import ml_collections
 from absl import app
 from flax import nnx
-from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, PartitionSpec
 
 from ctelm_jax.models.adapter import Adapter
 from ctelm_jax.models.build import decoder_config
 from ctelm_jax.models.elm import ELM
 from ctelm_jax.models.llama import Constrain, Llama, LlamaConfig, no_constraint
 from ctelm_jax.parallel.mesh import MESH_AXES, resolve_mesh_shape
-from ctelm_jax.parallel.rules import Rules, as_rules, batch_sharding, logical_to_spec, state_shardings
+from ctelm_jax.parallel.rules import Rules, as_rules, batch_sharding, constrainer, logical_to_spec, state_shardings
+from ctelm_jax.train.checkpoint import abstract_like
+from ctelm_jax.train.curriculum import Curriculum
 from ctelm_jax.train.metrics import train_flops_per_token
 from ctelm_jax.train.optimizer import GROUPS, group_of
+from ctelm_jax.train.stage_step import stage_step
 
 GiB = 2**30
 BATCH_INT_FIELDS = 6  # tokens, targets, loss_mask, segment_ids, positions, task_ids: 4 bytes per token each
@@ -284,44 +287,46 @@ def format_table(s: Sizing, device_memory_bytes: float | None = None) -> str:
     return "\n".join(lines)
 
 
-def xla_train_memory(config: ml_collections.ConfigDict, stage_index: int, mesh: Mesh) -> dict[str, int]:
-    """XLA's memory analysis of the compiled train step (abstract inputs, donated state) on `mesh`, per device."""
-    import optax
-
-    from ctelm_jax.parallel.rules import constrainer
-    from ctelm_jax.train.optimizer import make_optimizer, param_labels
-    from ctelm_jax.train.step import TrainState, make_train_step
-
+def abstract_params(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[nnx.GraphDef, dict, dict]:
+    """The ELM's graphdef, its parameters as ShapeDtypeStructs sharded on `mesh` by the rules, and those shardings."""
     rules = as_rules(config.rules)
     graphdef, state = nnx.split(abstract_elm(config.model, constrainer(mesh, rules)))
     shardings = nnx.to_pure_dict(state_shardings(state, mesh, rules))
-    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          nnx.to_pure_dict(state), shardings)
-    stage = config.stages[stage_index]
-    labels = param_labels(params, tuple(stage["trainable"]))
-    tx = make_optimizer(labels, optax.constant_schedule(float(stage["learning_rate"])))
-    abstract_opt = jax.eval_shape(tx.init, params)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    is_masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
-    opt_shardings = optax.tree_map_params(tx, lambda v, s: v if is_masked(v) else s, abstract_opt, shardings,
-                                          transform_non_params=lambda _: replicated, is_leaf=is_masked)
-    opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                             abstract_opt, opt_shardings)
-    ts = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), params=params, opt_state=opt_state)
-    ts_shardings = TrainState(step=replicated, params=shardings, opt_state=opt_shardings)
-    b, t, e = int(config.data.global_batch_size), int(config.data.seq_len), int(config.data.max_embeddings_per_row)
+    return graphdef, abstract_like(nnx.to_pure_dict(state), shardings), shardings
+
+
+def abstract_batch(config: ml_collections.ConfigDict, mesh: Mesh, global_batch: int | None = None) -> dict:
+    """A train batch of the config (or `global_batch` rows) as ShapeDtypeStructs sharded over the batch axes."""
+    b = int(config.data.global_batch_size) if global_batch is None else global_batch
+    t, e = int(config.data.seq_len), int(config.data.max_embeddings_per_row)
     shapes = dict(tokens=((b, t), jnp.int32), targets=((b, t), jnp.int32), loss_mask=((b, t), jnp.float32),
                   segment_ids=((b, t), jnp.int32), positions=((b, t), jnp.int32), task_ids=((b, t), jnp.int32),
                   embeddings=((b, e, int(config.model.domain_dim)), jnp.float32))
-    batch = {k: jax.ShapeDtypeStruct(s, d, sharding=batch_sharding(mesh, rules, len(s)))
-             for k, (s, d) in shapes.items()}
-    step = jax.jit(make_train_step(graphdef, labels, tx, len(config.data.tasks)),
-                   in_shardings=(ts_shardings, None), out_shardings=(ts_shardings, None), donate_argnums=0)
-    m = step.lower(ts, batch).compile().memory_analysis()
+    rules = as_rules(config.rules)
+    return {k: jax.ShapeDtypeStruct(s, d, sharding=batch_sharding(mesh, rules, len(s))) for k, (s, d) in shapes.items()}
+
+
+def lower_train_step(config: ml_collections.ConfigDict, stage_index: int, mesh: Mesh,
+                     global_batch: int | None = None) -> jax.stages.Lowered:
+    """The training loop's step of a stage (`train.stage_step`), lowered on abstract sharded inputs on `mesh`."""
+    graphdef, params, shardings = abstract_params(config, mesh)
+    stage = Curriculum(config.stages, list(config.data.tasks)).stages[stage_index]
+    built = stage_step(graphdef, params, shardings, stage, len(config.data.tasks), mesh)
+    return built.step.lower(built.abstract_state(params), abstract_batch(config, mesh, global_batch))
+
+
+def compiled_memory(compiled: jax.stages.Compiled) -> dict[str, int]:
+    """The compiler's memory analysis per device: argument, output, alias, temp and peak (arg + out - alias + temp)."""
+    m = compiled.memory_analysis()
     out = dict(argument=m.argument_size_in_bytes, output=m.output_size_in_bytes, alias=m.alias_size_in_bytes,
                temp=m.temp_size_in_bytes)
     out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
     return out
+
+
+def xla_train_memory(config: ml_collections.ConfigDict, stage_index: int, mesh: Mesh) -> dict[str, int]:
+    """XLA's memory analysis of the compiled train step (abstract inputs, donated state) on `mesh`, per device."""
+    return compiled_memory(lower_train_step(config, stage_index, mesh).compile())
 
 
 def main(argv: list[str]) -> None:

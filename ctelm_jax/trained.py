@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import os
 from typing import NamedTuple
 
+import jax
 import ml_collections
+from absl import logging
 from flax import nnx
+from jax.sharding import Mesh
 
-from ctelm_jax.models.build import build_elm, load_tokenizer
+from ctelm_jax import fs
+from ctelm_jax.models.build import abstract_elm, load_tokenizer
 from ctelm_jax.models.elm import ELM
-from ctelm_jax.train.checkpoint import restore_params
+from ctelm_jax.parallel.mesh import make_mesh
+from ctelm_jax.parallel.rules import as_rules, constrainer, state_shardings
+from ctelm_jax.train.checkpoint import abstract_like, restore_params
 from ctelm_jax.weights.tokenizer import Tokenizer
 
 
@@ -24,19 +30,35 @@ class Trained(NamedTuple):
     step: int
 
 
-def load_run_config(workdir: str | Path) -> ml_collections.ConfigDict:
+def load_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     """The resolved config a run wrote into its workdir."""
-    path = Path(workdir) / "config.json"
+    path = fs.as_path(workdir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not a ctelm_jax run directory (no config.json); pass the --workdir of a run.")
     return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
-def load_trained(workdir: str | Path, step: int | None = None) -> Trained:
-    """The ELM of `workdir`'s latest (or given) checkpoint, on the host, with its tokenizer and config."""
+def run_mesh(config: ml_collections.ConfigDict) -> Mesh:
+    """The mesh a run is loaded onto by default: every local device, laid out as the run's `mesh` when that fits
+    their count, else as one FSDP axis (parameters spread evenly, whatever the count)."""
+    devices = jax.local_devices()
+    try:
+        return make_mesh(dict(config.mesh), devices)
+    except ValueError as e:
+        logging.info("the run's mesh does not fit %d local devices (%s); loading it FSDP over them", len(devices), e)
+        return make_mesh({"fsdp": -1}, devices)
+
+
+def load_trained(workdir: str | os.PathLike, step: int | None = None, mesh: Mesh | None = None) -> Trained:
+    """The ELM of `workdir`'s latest (or given) checkpoint with its tokenizer and config, restored onto `mesh`
+    (default: `run_mesh`): parameters sharded and activations laid out by the run's rules, as in training; the
+    parameters stay on the devices for every use."""
     config = load_run_config(workdir)
     tokenizer = load_tokenizer(config.model)
-    model = build_elm(config.model, tokenizer)
-    graphdef, state = nnx.split(model)
-    params, step = restore_params(Path(workdir) / "checkpoints", nnx.to_pure_dict(state), step)
+    mesh = mesh or run_mesh(config)
+    rules = as_rules(config.rules)
+    graphdef, abstract = nnx.split(abstract_elm(config.model, tokenizer, constrainer(mesh, rules)))
+    shardings = nnx.to_pure_dict(state_shardings(abstract, mesh, rules))
+    params, step = restore_params(fs.as_path(workdir) / "checkpoints",
+                                  abstract_like(nnx.to_pure_dict(abstract), shardings), step)
     return Trained(nnx.merge(graphdef, params), tokenizer, config, step)

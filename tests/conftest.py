@@ -1,6 +1,9 @@
 """Test-wide settings: 8 fake CPU devices so sharding tests see a mesh, and shared tiny fixtures."""
 
 import os
+import socket
+import subprocess
+from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -15,3 +18,41 @@ from ctelm_jax.weights.tokenizer import Tokenizer  # noqa: E402
 def tokenizer() -> Tokenizer:
     """The embedded SmolLM2 tokenizer (with the placeholder token), read from its GGUF."""
     return Tokenizer.from_gguf(default_gguf_path())
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on now (a coordinator's, an emulator's)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_all(procs: list[subprocess.Popen], timeout_s: float) -> list[int] | None:
+    """The processes' exit codes, or None when one outlives `timeout_s`; none is left running either way."""
+    try:
+        codes = [p.wait(timeout=timeout_s) for p in procs]
+    except subprocess.TimeoutExpired:
+        codes = None
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    return codes
+
+
+def write_step0_run(workdir: Path, step: int = 3) -> Path:
+    """A run directory of configs/tiny.py whose checkpoint at `step` holds its freshly built model (no training)."""
+    import numpy as np
+    from flax import nnx
+
+    from configs.tiny import get_config
+    from ctelm_jax.models.build import build_elm, load_tokenizer
+    from ctelm_jax.train.checkpoint import Checkpointer
+
+    config = get_config()
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    model = build_elm(config.model, load_tokenizer(config.model))
+    ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
+    ckpt.save(step, {"step": np.int32(step), "params": nnx.to_pure_dict(nnx.state(model))}, {}, {"step": step}, {})
+    ckpt.close()
+    return workdir

@@ -1,16 +1,25 @@
-"""Corpus embedding: data-parallel encode, resumable job, and validation of stored embedding sets."""
+"""Corpus embedding: data-parallel encode, resumable job (in one process or several), and validation of stored
+embedding sets."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-from jax.sharding import Mesh
 
-from ctelm_jax.data.corpus import load_records
-from ctelm_jax.data.embeddings import embed_corpus, embedding_paths, load_embeddings, save_embeddings
+from ctelm_jax.data.corpus import load_records, write_records
+from ctelm_jax.data.embeddings import embed_corpus, embedding_paths, load_embeddings, load_encoder, save_embeddings
+from ctelm_jax.data.render import render_text
 from ctelm_jax.encoders.bert import SentenceEncoder
 from ctelm_jax.weights.default import default_encoder_dir
+from conftest import free_port, wait_all
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 300
 
 
 def short_text(record: dict) -> str:
@@ -25,9 +34,8 @@ def records():
 
 @pytest.fixture(scope="module")
 def encoder():
-    """all-MiniLM-L6-v2 at 32 tokens, batches split over the 8 fake CPU devices of conftest."""
-    mesh = Mesh(np.asarray(jax.devices()), ("data",))
-    return SentenceEncoder.from_dir(default_encoder_dir(), max_length=32, mesh=mesh)
+    """all-MiniLM-L6-v2 at 32 tokens, batches split over the 8 fake CPU devices of conftest (as the CLI loads it)."""
+    return load_encoder(max_length=32)
 
 
 class Interrupting:
@@ -110,7 +118,7 @@ def test_load_embeddings_round_trip_and_rejects_bad_sets(tmp_path):
 
     _write_set(out)
     (tmp_path / "set.ids.json").write_text(json.dumps(ids[:-1]))
-    with pytest.raises(ValueError, match="5 ids but 6 embedding rows"):
+    with pytest.raises(ValueError, match="5 records but 6 embedding rows"):
         load_embeddings(out)
 
     _write_set(out)
@@ -122,3 +130,71 @@ def test_load_embeddings_round_trip_and_rejects_bad_sets(tmp_path):
     (tmp_path / "set.meta.json").unlink()
     with pytest.raises(FileNotFoundError, match="set.meta.json: missing"):
         load_embeddings(out)
+
+
+def embed_in_two_processes(corpus: Path, out: Path, logdir: Path) -> tuple[list[int] | None, list[str]]:
+    """Runs `python -m ctelm_jax.embed` as 2 processes of 2 fake CPU devices each; their exit codes (None: killed
+    after TIMEOUT_S) and logs."""
+    port = free_port()
+    logs = [logdir / f"{out.name}.process{i}.log" for i in range(2)]
+    procs = []
+    for i, log in enumerate(logs):
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+        env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                   JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i),
+                   CTELM_INIT_TIMEOUT_S="120")
+        cmd = [sys.executable, "-m", "ctelm_jax.embed", f"--corpus={corpus}", f"--out={out}", "--max_length=32",
+               "--batch_size=4", "--chunk_size=8"]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT))
+    codes = wait_all(procs, TIMEOUT_S)
+    return codes, [log.read_text() for log in logs]
+
+
+@pytest.fixture(scope="module")
+def slice_29(tmp_path_factory):
+    """29 records (chunks of 8, 8, 8, 5: two-process shares of 4+4 and 2+3 rows) and their .jsonl file."""
+    records = load_records()[:29]
+    corpus = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
+    write_records(records, corpus)
+    return records, corpus
+
+
+# Both runs compute each row with the same operations on the same padded length (32 tokens, the cap); only the rows
+# per device differ (1 of a batch of 4 padded to 8 on one process of 8 devices; 1 or 2 on two processes of 2), which
+# may change how XLA tiles the matmuls and hence the order of float32 additions. A reordered sum of K terms moves by
+# ~sqrt(K) * 2^-24 relative (K <= 1536: ~2.4e-6), and every LayerNorm rescales, so errors do not compound over the 6
+# layers; the rows are unit vectors, so atol 1e-5 is a few such reorderings. Measured: 1.5e-7 (2 rows bit-equal).
+TWO_PROCESS_ATOL = 1e-5
+
+
+def test_two_processes_embed_like_one_and_resume_its_chunks(tmp_path, slice_29, encoder):
+    records, corpus = slice_29
+    single = embed_corpus(records, encoder, tmp_path / "one", render_text, batch_size=4, chunk_size=8,
+                          show_progress=False)
+    ids, want, meta = load_embeddings(single)
+    with pytest.raises(KeyboardInterrupt):
+        embed_corpus(records, Interrupting(encoder, fail_at=2), tmp_path / "two", render_text, batch_size=4,
+                     chunk_size=8, show_progress=False)
+    kept = want[7::-1].copy()  # chunk 0 replaced by its rows reversed: a resumed run must keep, not recompute, it
+    np.save(tmp_path / "two.partial" / "chunk_000000.npy", kept)
+
+    codes, logs = embed_in_two_processes(corpus, tmp_path / "two", tmp_path)
+    assert codes == [0, 0], "\n".join(logs)
+    assert "on 2 process(es) x 2 device(s)" in logs[1]
+    assert "resuming, 1 of 4 chunks already done" in logs[0]
+    got_ids, got, got_meta = load_embeddings(tmp_path / "two")
+    assert got_ids == ids and got_meta == meta
+    assert not (tmp_path / "two.partial").exists()
+    np.testing.assert_array_equal(got[:8], kept)
+    np.testing.assert_allclose(got[8:], want[8:], rtol=0, atol=TWO_PROCESS_ATOL)
+
+
+def test_two_processes_stop_together_when_process_0_cannot_resume(tmp_path, slice_29, encoder):
+    records, corpus = slice_29
+    with pytest.raises(KeyboardInterrupt):  # a partial run with chunks of 4; the processes ask for 8
+        embed_corpus(records, Interrupting(encoder, fail_at=2), tmp_path / "other", render_text, batch_size=4,
+                     chunk_size=4, show_progress=False)
+    codes, logs = embed_in_two_processes(corpus, tmp_path / "other", tmp_path)
+    assert codes is not None and 0 not in codes, "\n".join(logs)
+    assert "different ['chunk_size']" in logs[0]
+    assert "process 0 failed to open" in logs[1]

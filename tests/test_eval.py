@@ -6,11 +6,11 @@ import re
 
 import numpy as np
 import pytest
-from flax import nnx
 
 from ctelm_jax import decode
 from ctelm_jax.eval import metrics, probes, prompts
 from ctelm_jax.eval.suite import EvalSizes, evaluate_run
+from conftest import write_step0_run
 
 TEXT = ("Phase: phase 2\nConditions: asthma\nInterventions: salbutamol\nAges: {ages}\nSex: {sex}\n"
         "Status: completed")
@@ -120,18 +120,7 @@ def test_novel_vectors_are_unit():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A run directory of configs/tiny.py with a checkpoint of its freshly built model (no training needed)."""
-    from configs.tiny import get_config
-    from ctelm_jax.models.build import build_elm, load_tokenizer
-    from ctelm_jax.train.checkpoint import Checkpointer
-
-    workdir = tmp_path_factory.mktemp("tiny_run")
-    config = get_config()
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    model = build_elm(config.model, load_tokenizer(config.model))
-    ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
-    ckpt.save(3, {"step": np.int32(3), "params": nnx.to_pure_dict(nnx.state(model))}, {}, {"step": 3}, {})
-    ckpt.close()
-    return workdir
+    return write_step0_run(tmp_path_factory.mktemp("tiny_run"))
 
 
 def fake_encode(texts):

@@ -106,9 +106,9 @@ def test_banned_ids_are_never_generated(model):
 def test_one_compile_per_bucket(model):
     cfg = SamplingConfig(max_new_tokens=4, batch_size=4)
     generate(model, PROMPTS, embeddings(), cfg)
-    before = gen._generate_elm._cache_size()
+    before = gen.decode_batch._cache_size()
     generate(model, [p[:-1] for p in PROMPTS[:1]] + PROMPTS[1:], embeddings(), cfg)  # same buckets
-    assert gen._generate_elm._cache_size() == before
+    assert gen.decode_batch._cache_size() == before
 
 
 def test_sampling_is_deterministic_given_rng(model):

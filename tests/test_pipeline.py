@@ -111,12 +111,14 @@ def test_host_slices_are_disjoint(records, embeddings, tokenizer):
 def test_embedding_validation(records, embeddings, tokenizer):
     bad = embeddings.copy()
     bad[7, 3] = np.nan
-    with pytest.raises(ValueError, match=r"NaN.*\[7\].*re-run the encoder"):
+    with pytest.raises(ValueError, match=r"NaN or inf \(rows \[7\].*re-embed those records"):
         _make(records, bad, tokenizer)
-    with pytest.raises(ValueError, match="adapter expects 16"):
+    with pytest.raises(ValueError, match="dim 8 but 16 is expected"):
         _make(records, embeddings, tokenizer, embedding_dim=16)
-    with pytest.raises(ValueError, match="rows but there are"):
+    with pytest.raises(ValueError, match="600 records but 599 embedding rows"):
         _make(records, embeddings[:-1], tokenizer)
+    with pytest.raises(ValueError, match="duplicate NCT ids"):
+        _make([*records, records[0]], np.concatenate([embeddings, embeddings[:1]]), tokenizer)
     with pytest.raises(ValueError, match="max_embeddings_per_row"):
         pipeline.make_pipeline(records, embeddings, tokenizer, WEIGHTS, SEQ, BATCH, 0, 1, process_index=0,
                                process_count=1)

@@ -134,13 +134,17 @@ def test_recommend_is_the_largest_batch_under_the_margin():
         sizing.recommend(config, 1e6, 8)
 
 
-@pytest.mark.parametrize("module,devices,memory", [(llama31_8b_v5p8, 4, 95 * GiB), (llama31_8b_h100x8, 8, 80e9)])
-def test_llama31_8b_configs_use_the_recommended_batch(module, devices, memory):
-    """Llama-3.1-8B (8.03B) + adapter + LoRA; the configured batch is the tool's largest under 85% of memory."""
+# rows below the tool's recommendation: v5p-8's batch is the TPU compiler's (`ctelm_jax.aot`, BENCHMARKS.md), which
+# puts the tool's 13 rows per chip at 92% of HBM.
+@pytest.mark.parametrize("module,devices,memory,rows_below", [(llama31_8b_v5p8, 4, 95 * GiB, 1),
+                                                              (llama31_8b_h100x8, 8, 80e9, 0)])
+def test_llama31_8b_configs_use_the_recommended_batch(module, devices, memory, rows_below):
+    """Llama-3.1-8B (8.03B) + adapter + LoRA; the configured batch is the tool's largest under 85% of memory, or the
+    TPU compiler's where it was measured."""
     config = module.get_config()
     sized = sizing.size(config, devices)
     assert 8.03e9 < sized.num_params - sized.stages[-1].trainable_params < 8.04e9
-    assert sized.per_device_batch == sizing.recommend(config, memory, devices).per_device_batch
+    assert sized.per_device_batch == sizing.recommend(config, memory, devices).per_device_batch - rows_below
     assert sized.global_batch == config.data.global_batch_size
     assert sized.peak_bytes <= 0.85 * memory
 

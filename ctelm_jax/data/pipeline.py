@@ -20,29 +20,11 @@ import numpy as np
 from absl import logging
 
 from ctelm_jax.data import tasks
+from ctelm_jax.data.embeddings import check_embeddings
 from ctelm_jax.weights.tokenizer import Tokenizer
 
 BATCH_KEYS: tuple[str, ...] = ("tokens", "targets", "loss_mask", "segment_ids", "positions", "embeddings", "task_ids")
 _EMBEDDINGS_PER_TASK = {"compare": 2}
-
-
-def check_embeddings(embeddings: np.ndarray, num_records: int, embedding_dim: int | None = None) -> np.ndarray:
-    """`embeddings` as float32 (N, d) after checking shape, row count and finiteness (errors name the fix)."""
-    embeddings = np.asarray(embeddings)
-    if embeddings.ndim != 2:
-        raise ValueError(f"embeddings must be a (num_records, dim) array, got shape {embeddings.shape}.")
-    if embeddings.shape[0] != num_records:
-        raise ValueError(f"embeddings have {embeddings.shape[0]} rows but there are {num_records} records; embed "
-                         f"the same record list (in the same order) that is passed to the pipeline.")
-    if embedding_dim is not None and embeddings.shape[1] != embedding_dim:
-        raise ValueError(f"embeddings have dimension {embeddings.shape[1]} but the adapter expects {embedding_dim}; "
-                         f"re-embed with the configured encoder or set the model's domain dim to "
-                         f"{embeddings.shape[1]}.")
-    bad = np.flatnonzero(~np.isfinite(embeddings).all(axis=1))
-    if bad.size:
-        raise ValueError(f"{bad.size} embedding rows hold NaN/inf (first rows: {bad[:5].tolist()}); re-run the "
-                         f"encoder on those records or drop them from the corpus before training.")
-    return embeddings.astype(np.float32, copy=False)
 
 
 def _task_probabilities(tasks_weights: Mapping[str, float]) -> np.ndarray:
@@ -130,7 +112,8 @@ def make_dataset(records: Sequence[Mapping], embeddings: np.ndarray, tokenizer: 
     if max_embeddings_per_row < needed:
         raise ValueError(f"max_embeddings_per_row={max_embeddings_per_row} but a weighted task uses {needed} "
                          f"embeddings per example; raise it (rows pack several examples, so ~seq_len / 100).")
-    table = check_embeddings(embeddings, len(records), embedding_dim)
+    table = np.asarray(embeddings, np.float32)
+    check_embeddings([r["nctid"] for r in records], table, "pipeline embeddings", embedding_dim)
     local_batch = batch_size // process_count
     examples = (grain.MapDataset.range(len(records)).shuffle(seed=seed).repeat()
                 .random_map(_MakeExample(records, tokenizer, tasks_weights, seq_len), seed=seed)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from etils.epath import Path
 from typing import Any
 
 import matplotlib
@@ -87,6 +87,14 @@ def _novel_table(novel: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _save_png(fig: Any, path: Path) -> None:
+    """Writes a figure as PNG through the path's own file (so gs:// works), then closes it."""
+    fig.tight_layout()
+    with path.open("wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+    plt.close(fig)
+
+
 def plot_cosines(results: dict[str, Any], path: Path) -> bool:
     """Histogram of re-embed cosines per system; False (nothing written) without cosines."""
     series = {name: row["cosines"] for name, row in results["describe"].items() if "cosines" in row}
@@ -99,9 +107,7 @@ def plot_cosines(results: dict[str, Any], path: Path) -> bool:
     ax.set_ylabel("trials")
     ax.set_title(f"Re-embed cosine on {results['split']} (step {results['step']})")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_png(fig, path)
     return True
 
 
@@ -122,9 +128,7 @@ def plot_concepts(results: dict[str, Any], path: Path) -> bool:
         ax.set_xlabel("strength")
         ax.set_ylim(-1.05, 1.05)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_png(fig, path)
     return True
 
 
@@ -170,7 +174,7 @@ def write(out_dir: Path, results: dict[str, Any], samples: list[dict[str, Any]])
     text = markdown(results, plot_cosines(results, out_dir / COSINE_PNG),
                     plot_concepts(results, out_dir / CONCEPTS_PNG))
     (out_dir / REPORT_MD).write_text(text)
-    with open(out_dir / SAMPLES_JSONL, "w") as f:
+    with (out_dir / SAMPLES_JSONL).open("w") as f:
         for s in samples:
             f.write(json.dumps(s) + "\n")
     return text

@@ -17,20 +17,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 from absl import logging
 
 from ctelm_jax import concepts as concepts_lib
+from ctelm_jax import fs
 from ctelm_jax.data import render
 from ctelm_jax.data.tasks import attribute_answer
 from ctelm_jax.eval import metrics, probes, prompts, report
 from ctelm_jax.models.build import build_elm
-from ctelm_jax.train.inputs import encoder_dir, load_splits
-from ctelm_jax.trained import load_trained
+from ctelm_jax.parallel.rules import as_rules, constrainer
+from ctelm_jax.train.inputs import load_splits
+from ctelm_jax.trained import load_run_config, load_trained, run_mesh
+from ctelm_jax.weights.default import encoder_dir
 
 Encode = Callable[[Sequence[str]], np.ndarray]
 MAJORITY_SAMPLE = 500
@@ -81,7 +84,7 @@ def _pick(n_total: int, n: int, rng: np.random.Generator) -> np.ndarray:
     return rng.permutation(n_total)[: min(n, n_total)]
 
 
-def evaluate_run(workdir: str | Path, sizes: EvalSizes = EvalSizes(), encode: Encode | None = None,
+def evaluate_run(workdir: str | os.PathLike, sizes: EvalSizes = EvalSizes(), encode: Encode | None = None,
                  step: int | None = None) -> str:
     """Evaluates the run in `workdir`; writes `<workdir>/eval/{report.md, metrics.json, samples.jsonl, *.png}` and
     returns the report's markdown. `encode` replaces the run's encoder (tests)."""
@@ -95,10 +98,11 @@ def evaluate_run(workdir: str | Path, sizes: EvalSizes = EvalSizes(), encode: En
         clock = now
         logging.info("eval: %s took %.1fs", name, timings[name])
 
-    workdir = Path(workdir)
+    workdir = fs.as_path(workdir)
     out_dir = workdir / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
-    model, tokenizer, config, trained_step = load_trained(workdir, step)
+    mesh = run_mesh(load_run_config(workdir))
+    model, tokenizer, config, trained_step = load_trained(workdir, step, mesh)
     splits = load_splits(config, workdir, tokenizer)
     if sizes.split not in splits or not splits[sizes.split].records:
         raise ValueError(f"split {sizes.split!r} is empty or unknown; choose one of {sorted(splits)}.")
@@ -106,7 +110,9 @@ def evaluate_run(workdir: str | Path, sizes: EvalSizes = EvalSizes(), encode: En
     encoder_note = "given encoder"
     if encode is None:
         encode, encoder_note = run_encoder(config)
-    baseline_model = build_elm(config.model, tokenizer, train_embeddings=train.embeddings)  # the run's step 0
+    rules = as_rules(config.rules)
+    # The run's step 0, on the ELM's devices and laid out as it is.
+    baseline_model = build_elm(config.model, tokenizer, constrainer(mesh, rules), train.embeddings, mesh, rules)
     lap("load")
 
     rng = np.random.default_rng(sizes.seed)

@@ -9,7 +9,6 @@ exits non-zero if any differs.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -39,7 +38,7 @@ def main(argv: list[str]) -> None:
     """Decodes each trial with both stacks and compares the token ids."""
     del argv
     trained = load_trained(_WORKDIR.value)
-    test = load_splits(trained.config, Path(_WORKDIR.value), trained.tokenizer)["test"]
+    test = load_splits(trained.config, _WORKDIR.value, trained.tokenizer)["test"]
     loaded = reference.load(_EXPORT.value)
     prompt = describe_prompt(trained.tokenizer)
     stops = set(stop_ids(trained.tokenizer)) | {loaded.model.generation_config.pad_token_id}

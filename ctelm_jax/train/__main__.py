@@ -3,6 +3,7 @@
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from ctelm_jax.errors import UserError
 from ctelm_jax.train.loop import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Training config file (ml_collections).")
@@ -13,7 +14,10 @@ flags.mark_flag_as_required("workdir")
 def main(argv: list[str]) -> None:
     """Trains (or resumes) the configured curriculum in --workdir."""
     del argv
-    summary = train(_CONFIG.value, _WORKDIR.value)
+    try:
+        summary = train(_CONFIG.value, _WORKDIR.value)
+    except UserError as e:
+        raise SystemExit(f"ctelm_jax.train: error: {e}") from e
     logging.info("training %s at step %s", summary["status"], summary.get("step"))
 
 

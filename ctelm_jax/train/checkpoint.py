@@ -3,14 +3,15 @@ as separate items; async saves; keeps the last K plus the best by validation los
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+from ctelm_jax import fs
 
 VAL_METRIC = "val_loss"
 
@@ -22,8 +23,8 @@ class CheckpointMismatch(ValueError):
 class Checkpointer:
     """Saves and restores {state, data, progress, meta} under `<workdir>/checkpoints/<step>/`."""
 
-    def __init__(self, directory: str | Path, keep: int = 3, keep_best: int = 1, async_save: bool = True):
-        self.directory = Path(directory).absolute()
+    def __init__(self, directory: str | os.PathLike, keep: int = 3, keep_best: int = 1, async_save: bool = True):
+        self.directory = fs.as_path(directory)
         policy = pp.AnyPreservationPolicy([
             pp.LatestN(keep),
             pp.BestN(get_metric_fn=lambda m: m[VAL_METRIC], reverse=False, n=keep_best,
@@ -82,20 +83,22 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def restore_params(directory: str | Path, template: dict, step: int | None = None) -> tuple[dict, int]:
-    """The parameters of a run's checkpoint (latest unless `step`), shaped like `template` (a pure param dict)."""
-    directory = Path(directory).absolute()
-    manager = ocp.CheckpointManager(directory, item_names=("state", "data", "progress", "meta"),
+def restore_params(directory: str | os.PathLike, template: dict, step: int | None = None) -> tuple[dict, int]:
+    """The parameters of a run's checkpoint (latest unless `step`), shaped like `template` (a pure param dict): a
+    ShapeDtypeStruct leaf with a sharding is read straight onto it, whatever topology wrote it, any other leaf onto
+    one local device. Only the parameters are read (not the optimizer state)."""
+    directory = fs.as_path(directory)
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    registry.add("state", ocp.args.PyTreeRestore)
+    manager = ocp.CheckpointManager(directory, handler_registry=registry,
                                     options=ocp.CheckpointManagerOptions(read_only=True))
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"{directory}: no complete checkpoint; train first or point at a run's checkpoints/.")
-    # No target: place every array on one local device, whatever topology wrote it.
+    saved = {tuple(str(p) for p in k): v.shape for k, v in
+             traverse_util.flatten_dict(manager.item_metadata(step)["state"].tree["params"]).items()}
     single = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    raw = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(fallback_sharding=single)))["state"]["params"]
-    saved = {tuple(str(p) for p in k): v for k, v in traverse_util.flatten_dict(raw).items()}
-    out = {}
+    target = {}
     for key, leaf in traverse_util.flatten_dict(template).items():
         skey = tuple(str(p) for p in key)
         name = "/".join(skey)
@@ -104,10 +107,14 @@ def restore_params(directory: str | Path, template: dict, step: int | None = Non
                 f"{directory} step {step}: parameter {name} is missing; the checkpoint was written for another model "
                 "or by an older ctelm_jax (before the adapter's input statistics were saved with it). Use the code "
                 "and config that wrote it, or train a new run in a fresh workdir.")
-        if tuple(saved[skey].shape) != tuple(leaf.shape):
+        if tuple(saved[skey]) != tuple(leaf.shape):
             raise CheckpointMismatch(
-                f"{directory} step {step}: parameter {name} has shape {tuple(saved[skey].shape)} but the configured "
+                f"{directory} step {step}: parameter {name} has shape {tuple(saved[skey])} but the configured "
                 f"model's is {tuple(leaf.shape)}; the config does not describe the model this checkpoint holds.")
-        out[key] = np.asarray(saved[skey])
+        target[key] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=getattr(leaf, "sharding", None) or single)
+    target = {"params": traverse_util.unflatten_dict(target)}
+    params = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)))["state"]["params"]
     manager.close()
-    return traverse_util.unflatten_dict(out), step
+    return params, step

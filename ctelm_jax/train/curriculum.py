@@ -7,6 +7,7 @@ from typing import Any, Mapping, Sequence
 
 import optax
 
+from ctelm_jax.errors import UserError
 from ctelm_jax.train.optimizer import learning_rate_schedule
 
 
@@ -37,15 +38,15 @@ class Curriculum:
 
     def __init__(self, stages: Sequence[Mapping[str, Any]], known_tasks: Sequence[str]):
         if not stages:
-            raise ValueError("config.stages is empty; a run needs at least one stage.")
+            raise UserError("config.stages is empty; a run needs at least one stage.")
         self.stages = []
         for s in stages:
             tasks = tuple((str(k), float(v)) for k, v in dict(s["tasks"]).items() if float(v) > 0)
             unknown = {t for t, _ in tasks} - set(known_tasks)
             if unknown or not tasks:
-                raise ValueError(f"stage {s['name']!r}: tasks {sorted(unknown) or '(none)'} not among {list(known_tasks)}.")
+                raise UserError(f"stage {s['name']!r}: tasks {sorted(unknown) or '(none)'} not among {list(known_tasks)}.")
             if int(s["steps"]) <= 0:
-                raise ValueError(f"stage {s['name']!r}: steps must be positive, got {s['steps']}.")
+                raise UserError(f"stage {s['name']!r}: steps must be positive, got {s['steps']}.")
             self.stages.append(Stage(
                 name=str(s["name"]), steps=int(s["steps"]), trainable=tuple(s["trainable"]), tasks=tasks,
                 learning_rate=float(s["learning_rate"]), warmup_steps=int(s.get("warmup_steps", 0)),

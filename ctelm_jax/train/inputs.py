@@ -3,17 +3,17 @@ and the batch iterators of each curriculum stage."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 from typing import Any, Iterator, NamedTuple
 
-import jax
 import ml_collections
 import numpy as np
 from absl import logging
 
+from ctelm_jax import fs
 from ctelm_jax.data import pipeline
 from ctelm_jax.data.corpus import load_records, split_of
-from ctelm_jax.data.embeddings import embed_corpus, load_embeddings
+from ctelm_jax.data.embeddings import embed_corpus, embedding_paths, load_embeddings, load_encoder
 from ctelm_jax.data.render import render_text
 from ctelm_jax.train.curriculum import Stage
 from ctelm_jax.weights.tokenizer import Tokenizer
@@ -28,16 +28,9 @@ class Split(NamedTuple):
     embeddings: np.ndarray
 
 
-def encoder_dir(name: str) -> Path:
-    """The sentence-encoder folder: 'default' is the embedded all-MiniLM-L6-v2."""
-    if name == "default":
-        from ctelm_jax.weights.default import default_encoder_dir
-        return default_encoder_dir()
-    return Path(name)
-
-
-def corpus_embeddings(config: ml_collections.ConfigDict, workdir: Path, records: list[dict]) -> np.ndarray:
-    """Embeddings row-aligned with `records`: random (tests), from a file, or computed once into the workdir."""
+def corpus_embeddings(config: ml_collections.ConfigDict, workdir: str | os.PathLike, records: list[dict]) -> np.ndarray:
+    """Embeddings row-aligned with `records`: random (tests), from a file, or computed once into the workdir (all
+    processes embed, on their own devices; process 0 writes the file, which every process then reads)."""
     dim = int(config.model.domain_dim)
     source = config.data.embeddings
     if source == "random":
@@ -45,14 +38,13 @@ def corpus_embeddings(config: ml_collections.ConfigDict, workdir: Path, records:
         e = rng.standard_normal((len(records), dim)).astype(np.float32)
         return e / np.linalg.norm(e, axis=1, keepdims=True)
     if not source:
-        source = workdir / "embeddings" / "corpus"
-        if not Path(str(source) + ".npy").is_file():
-            from ctelm_jax.encoders.bert import SentenceEncoder
-            encoder = SentenceEncoder.from_dir(encoder_dir(config.data.encoder))
+        source = fs.as_path(workdir) / "embeddings" / "corpus"
+        if not all(p.is_file() for p in embedding_paths(source)):
+            encoder = load_encoder(config.data.encoder)
             if encoder.dim != dim:
                 raise ValueError(f"encoder {encoder.name} gives {encoder.dim}-d embeddings but model.domain_dim={dim}; "
                                  f"set --config.model.domain_dim={encoder.dim}.")
-            embed_corpus(records, encoder, source, text_fn=render_text, show_progress=jax.process_index() == 0)
+            embed_corpus(records, encoder, source, text_fn=render_text)
     ids, array, _ = load_embeddings(source, expected_dim=dim)
     row = {nctid: i for i, nctid in enumerate(ids)}
     missing = [r["nctid"] for r in records if r["nctid"] not in row]
@@ -62,7 +54,8 @@ def corpus_embeddings(config: ml_collections.ConfigDict, workdir: Path, records:
     return array[[row[r["nctid"]] for r in records]]
 
 
-def load_splits(config: ml_collections.ConfigDict, workdir: Path, tokenizer: Tokenizer) -> dict[str, Split]:
+def load_splits(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
+                tokenizer: Tokenizer) -> dict[str, Split]:
     """Records of the corpus split by NCT id, with their embeddings."""
     del tokenizer
     records = load_records(config.data.corpus)

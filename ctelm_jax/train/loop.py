@@ -7,7 +7,6 @@ import math
 import os
 import signal
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -15,19 +14,22 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from flax import nnx, traverse_util
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from ctelm_jax.models.build import build_elm, decoder_config, load_tokenizer, model_signature
+from ctelm_jax import fs
+from ctelm_jax.errors import require_folder
+from ctelm_jax.models.build import build_elm, check_model_sources, decoder_config, load_tokenizer, model_signature
+from ctelm_jax.parallel.distributed import maybe_initialize_distributed
 from ctelm_jax.parallel.mesh import make_mesh
 from ctelm_jax.parallel.rules import as_rules, batch_sharding, constrainer, state_shardings
 from ctelm_jax.train import inputs
-from ctelm_jax.train.checkpoint import Checkpointer, abstract_like
+from ctelm_jax.train.checkpoint import Checkpointer
 from ctelm_jax.train.curriculum import Curriculum
 from ctelm_jax.train.metrics import EventWriter, peak_flops_per_device, task_losses, train_flops_per_token
-from ctelm_jax.train.optimizer import make_optimizer, param_labels
-from ctelm_jax.train.step import TrainState, make_eval_step, make_train_step
+from ctelm_jax.train.stage_step import stage_step
+from ctelm_jax.train.step import TrainState, make_eval_step
 from ctelm_jax.weights.elm_export import maybe_export
 
 
@@ -51,24 +53,12 @@ class Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
-    """Joins a multi-process run when the config or the environment (launch/ scripts) names a coordinator."""
-    dist = config.distributed
-    address = dist.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
-    if not address:
-        return
-    num_processes = int(os.environ.get("JAX_NUM_PROCESSES", dist.num_processes))
-    process_id = int(os.environ.get("JAX_PROCESS_ID", dist.process_id))
-    timeout = int(os.environ.get("CTELM_INIT_TIMEOUT_S", dist.initialization_timeout))
-    local = list(dist.local_device_ids) or None
-    logging.info("joining %s as process %d of %d (timeout %d s)", address, process_id, num_processes, timeout)
-    try:
-        jax.distributed.initialize(coordinator_address=address, num_processes=num_processes, process_id=process_id,
-                                   local_device_ids=local, initialization_timeout=timeout)
-    except Exception as e:  # the runtime raises several types; all mean the same to the user
-        raise RuntimeError(f"process {process_id} could not join the coordinator at {address} within {timeout} s: "
-                           f"{e}. Check that every process was started, the address/port is reachable, and "
-                           "JAX_NUM_PROCESSES matches the number started.") from e
+def check_sources(config: ml_collections.ConfigDict) -> None:
+    """Fails before any work when a model or encoder folder the run needs is unset or missing (UserError)."""
+    check_model_sources(config.model)
+    if not config.data.embeddings and config.data.encoder != "default":
+        require_folder(config.data.encoder, "data.encoder", "config.json",
+                       "a sentence-transformers or Hugging Face BERT folder")
 
 
 def _place_batch(batch: dict[str, np.ndarray], mesh, rules) -> dict[str, jax.Array]:
@@ -82,26 +72,27 @@ def _summarise(metrics: dict[str, Any], tasks: list[str]) -> dict[str, float]:
     return out
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
     """Runs (or resumes) the curriculum of `config` in `workdir`; returns a summary of the last metrics."""
-    workdir = Path(workdir)
+    curriculum = Curriculum(config.stages, list(config.data.tasks))
+    check_sources(config)
+    workdir = fs.as_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    maybe_initialize_distributed(config)
+    maybe_initialize_distributed(**config.distributed)
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     mesh = make_mesh(dict(config.mesh))
     rules = as_rules(config.rules)
     tasks = list(config.data.tasks)
-    curriculum = Curriculum(config.stages, tasks)
     tokenizer = load_tokenizer(config.model)
     data = inputs.load_splits(config, workdir, tokenizer)
     # A resumed run restores the adapter statistics it started with over these.
     model = build_elm(config.model, tokenizer, constrain=constrainer(mesh, rules),
-                      train_embeddings=data["train"].embeddings)
+                      train_embeddings=data["train"].embeddings, mesh=mesh, rules=rules)
     graphdef, state = nnx.split(model)
     del model
     param_shardings = nnx.to_pure_dict(state_shardings(state, mesh, rules))
-    params = jax.device_put(nnx.to_pure_dict(state), param_shardings)
+    params = nnx.to_pure_dict(state)  # created in their shards on the mesh: nothing to place
     del state
     signature = model_signature(config.model)
 
@@ -127,28 +118,20 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
         for index in range(stage_index, len(curriculum.stages)):
             stage = curriculum.stages[index]
             start, end = curriculum.bounds(index)
-            labels = param_labels(params, stage.trainable)
-            tx = make_optimizer(labels, stage.schedule(), weight_decay=stage.weight_decay)
-            abstract_opt = jax.eval_shape(tx.init, params)
-            opt_shardings = _opt_shardings(abstract_opt, param_shardings, replicated)
-            shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
+            built = stage_step(graphdef, params, param_shardings, stage, len(tasks), mesh)
             resuming = latest is not None and index == stage_index
             if resuming:
-                target = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
-                                    params=abstract_like(params, param_shardings),
-                                    opt_state=abstract_like(abstract_opt, opt_shardings))
-                restored = ckpt.restore_state(latest, _as_dict(target))
+                restored = ckpt.restore_state(latest, _as_dict(built.abstract_state(params)))
                 ts = TrainState(**restored)
                 params = ts.params
             else:
-                opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+                opt_state = jax.jit(built.tx.init, out_shardings=built.opt_shardings)(params)
                 ts = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
                                 opt_state=opt_state)
             if step >= end:
                 params = ts.params
                 continue
-            train_step = jax.jit(make_train_step(graphdef, labels, tx, len(tasks)),
-                                 in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0)
+            train_step = built.step
             batches = inputs.train_batches(config, data["train"], tokenizer, stage, seed=int(config.data.seed) + index)
             if resuming and data_state is not None and step > start:
                 batches.set_state(data_state)
@@ -210,20 +193,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
 
 def _as_dict(ts: TrainState) -> dict[str, Any]:
     return {"step": ts.step, "params": ts.params, "opt_state": ts.opt_state}
-
-
-def _opt_shardings(abstract_opt: Any, param_shardings: dict, replicated: NamedSharding) -> Any:
-    """Optimizer moments share their parameter's sharding (matched by key path and shape); the rest is replicated."""
-    by_path = {tuple(str(k) for k in path): s for path, s in traverse_util.flatten_dict(param_shardings).items()}
-
-    def one(path, leaf):
-        keys = tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
-        for i in range(len(keys)):
-            if keys[i:] in by_path:
-                return by_path[keys[i:]]
-        return replicated
-
-    return jax.tree_util.tree_map_with_path(one, abstract_opt)
 
 
 def evaluate(eval_step, params, config, split, tokenizer, stage, mesh, rules, tasks) -> dict[str, float]:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import time
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ctelm_jax import fs
 from ctelm_jax.models.llama import LlamaConfig
 
 # Dense peak FLOP/s per device for the compute dtype (vendor figures); CPU is measured instead.
@@ -65,28 +67,37 @@ def task_losses(metrics: Mapping[str, np.ndarray], tasks: Sequence[str]) -> dict
 
 
 class EventWriter:
-    """Scalars to TensorBoard event files (process 0 only) and to a JSONL log beside them."""
+    """Scalars to a TensorBoard event file (process 0 only) and to a JSONL log beside them, in a local or remote
+    (gs://) folder. Both are written synchronously and flushed at every `write`; a remote folder is written locally
+    and uploaded then (`fs.MirroredDir`), so a killed run loses at most the scalars of the `write` in progress."""
 
-    def __init__(self, logdir: str | Path):
+    def __init__(self, logdir: str | os.PathLike):
         self.enabled = jax.process_index() == 0
-        self._tb = None
         if self.enabled:
-            from tensorboardX import SummaryWriter
-            Path(logdir).mkdir(parents=True, exist_ok=True)
-            self._tb = SummaryWriter(str(logdir))
-            self._jsonl = open(Path(logdir) / "metrics.jsonl", "a")
+            from tensorboardX.event_file_writer import EventsWriter
+            self._dir = fs.MirroredDir(logdir)
+            # The suffix keeps a resumed run within the same second from reusing (truncating) the last file's name.
+            self._events = EventsWriter(str(self._dir.local / "events"), filename_suffix=f".{secrets.token_hex(4)}")
+            self._jsonl = open(self._dir.local / "metrics.jsonl", "a")
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         """Logs scalars at a step."""
         if not self.enabled:
             return
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import scalar
+
+        wall_time = time.time()
         for k, v in scalars.items():
-            self._tb.add_scalar(k, v, step)
+            self._events.write_event(Event(wall_time=wall_time, step=step, summary=scalar(k, float(v))))
         self._jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n")
+        self._events.flush()
         self._jsonl.flush()
+        self._dir.sync()
 
     def close(self) -> None:
-        """Flushes and closes the files."""
+        """Flushes and closes the files (uploading a remote folder's last changes)."""
         if self.enabled:
-            self._tb.close()
+            self._events.close()
             self._jsonl.close()
+            self._dir.close()

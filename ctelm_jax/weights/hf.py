@@ -2,7 +2,9 @@
 
 A checkpoint folder is `config.json` plus `model.safetensors` or shards listed in `model.safetensors.index.json`.
 Tensors travel as a flat dict {HF name: numpy array (PyTorch layout)}; `decoder_from_hf` / `decoder_to_hf`
-translate that dict to and from a `Llama` module (one rename and, for kernels, one transpose).
+translate that dict to and from a `Llama` module (one rename and, for kernels, one transpose). At scale,
+`read_decoder` reads a folder straight into sharded arrays instead: each process reads only the slices of each tensor
+that its devices hold (`SafetensorsFolder`), so no host ever holds the whole checkpoint.
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
 from ctelm_jax.models.llama import Llama, LlamaConfig
@@ -42,30 +45,61 @@ def read_config(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not valid JSON ({e}).") from e
 
 
-def read_tensors(ckpt_dir: str | os.PathLike) -> Tensors:
-    """Reads every tensor of a safetensors checkpoint folder (single file or sharded with an index)."""
-    ckpt_dir = Path(ckpt_dir)
+def _weight_files(ckpt_dir: Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder (one file, or the shards its index lists), checked to exist."""
     index = ckpt_dir / INDEX_FILE
     if index.is_file():
         try:
             weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError) as e:
             raise CheckpointError(f"{index}: malformed index ({e}); expected a 'weight_map' of tensor -> shard.") from e
-        files = sorted(set(weight_map.values()))
+        names = sorted(set(weight_map.values()))
     elif (ckpt_dir / SINGLE_FILE).is_file():
-        files = [SINGLE_FILE]
+        names = [SINGLE_FILE]
     else:
         raise CheckpointError(f"{ckpt_dir}: neither {SINGLE_FILE} nor {INDEX_FILE}; is this a Hugging Face checkpoint?")
+    missing = [n for n in names if not (ckpt_dir / n).is_file()]
+    if missing:
+        raise CheckpointError(f"{ckpt_dir / missing[0]}: shard listed in {INDEX_FILE} is missing; re-download or "
+                              "re-export it.")
+    return [ckpt_dir / n for n in names]
+
+
+def read_tensors(ckpt_dir: str | os.PathLike) -> Tensors:
+    """Reads every tensor of a safetensors checkpoint folder (single file or sharded with an index)."""
     tensors: Tensors = {}
-    for name in files:
-        shard = ckpt_dir / name
-        if not shard.is_file():
-            raise CheckpointError(f"{shard}: shard listed in {INDEX_FILE} is missing; re-download or re-export it.")
+    for shard in _weight_files(Path(ckpt_dir)):
         try:
             tensors.update(load_file(str(shard)))
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{shard}: unreadable safetensors file ({e}).") from e
     return tensors
+
+
+class SafetensorsFolder:
+    """A safetensors checkpoint folder read by slices: names and shapes come from the file headers; `read` opens the
+    tensor's file, copies one slice out and closes it, so no mapping of a whole file stays resident."""
+
+    def __init__(self, ckpt_dir: str | os.PathLike):
+        self.files: dict[str, Path] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        for shard in _weight_files(Path(ckpt_dir)):
+            try:
+                with safe_open(str(shard), framework="numpy") as f:
+                    for name in f.keys():
+                        self.files[name] = shard
+                        self.shapes[name] = tuple(f.get_slice(name).get_shape())
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"{shard}: unreadable safetensors file ({e}).") from e
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        """The tensor's shape, None when the folder has no such tensor."""
+        return self.shapes.get(name)
+
+    def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """One slice of a tensor (PyTorch layout), read from disk."""
+        with safe_open(str(self.files[name]), framework="numpy") as f:
+            return f.get_slice(name)[index]
 
 
 def write_tensors(tensors: Tensors, out_dir: str | os.PathLike, max_shard_bytes: int = 5 * 2**30) -> list[str]:
@@ -118,33 +152,76 @@ def _base_params(model: Llama) -> Iterable[tuple[tuple[Any, ...], nnx.Variable]]
     return nnx.to_flat_state(state)
 
 
+def _sources(path: tuple[Any, ...], shape: tuple[int, ...], num_layers: int,
+             shape_of: Callable[[str], tuple[int, ...] | None], source: str) -> tuple[list[str], bool, bool]:
+    """(HF names, transposed, stacked on a leading layer axis) of the base parameter `path` of shape `shape`; a
+    CheckpointError when one of the tensors is missing or has another shape."""
+    name, transpose = _hf_name(path)
+    stacked = "{i}" in name
+    names = [name.format(i=i) for i in range(num_layers)] if stacked else [name]
+    per_tensor = tuple(shape[1:] if stacked else shape)
+    want = per_tensor[::-1] if transpose else per_tensor
+    for n in names:
+        got = shape_of(n)
+        if got is None:
+            raise CheckpointError(f"{source}: tensor {n!r} is missing (needed for parameter {'/'.join(map(str, path))}).")
+        if tuple(got) != want:
+            raise CheckpointError(f"{source}: tensor {n!r} has shape {tuple(got)}, but the config expects {want}; "
+                                  "does config.json belong to these weights?")
+    return names, transpose, stacked
+
+
 def decoder_from_hf(model: Llama, tensors: Tensors, source: str = "checkpoint") -> None:
     """Copies HF-named tensors into `model` in place, checking every name and shape; LoRA factors are left alone."""
     cfg = model.config
     dtype = jnp.dtype(cfg.param_dtype)
     updates = []
     for path, var in _base_params(model):
-        name, transpose = _hf_name(path)
-        names = [name.format(i=i) for i in range(cfg.num_layers)] if "{i}" in name else [name]
-        arrays = []
-        for n in names:
-            if n not in tensors:
-                raise CheckpointError(f"{source}: tensor {n!r} is missing (needed for parameter {'/'.join(map(str, path))}).")
-            arrays.append(tensors[n].T if transpose else tensors[n])
-        value = np.stack(arrays) if len(names) > 1 or "{i}" in name else arrays[0]
-        want = tuple(var[...].shape)
-        if tuple(value.shape) != want:
-            raw = tuple(tensors[names[0]].shape)
-            raise CheckpointError(
-                f"{source}: tensor {names[0]!r} has shape {raw}, but the config expects "
-                f"{want[::-1] if transpose and len(names) == 1 else want} (transposed to (in, out) here); "
-                "does config.json belong to these weights?")
-        updates.append((path, jnp.asarray(value, dtype)))
+        names, transpose, stacked = _sources(path, tuple(var.shape), cfg.num_layers,
+                                             lambda n: tensors[n].shape if n in tensors else None, source)
+        arrays = [tensors[n].T if transpose else tensors[n] for n in names]
+        updates.append((path, jnp.asarray(np.stack(arrays) if stacked else arrays[0], dtype)))
     for path, value in updates:
         node = model
         for p in path[:-1]:
             node = node[p] if isinstance(p, int) else getattr(node, p)
         getattr(node, path[-1])[...] = value
+
+
+def _slice_reader(folder: SafetensorsFolder, names: list[str], transpose: bool, stacked: bool,
+                  dtype: jnp.dtype) -> Callable[[tuple[slice, ...]], np.ndarray]:
+    """The `make_array_from_callback` callback of one parameter: the block at an index of our layout, read from the
+    HF tensors (layer slice -> which tensors; other slices reversed for a transposed kernel). Devices that hold the
+    same block (replicas) share one read."""
+    blocks: dict[tuple, np.ndarray] = {}
+
+    def read(index: tuple[slice, ...]) -> np.ndarray:
+        key = tuple((s.start, s.stop, s.step) for s in index)
+        if key not in blocks:
+            layers, rest = (names[index[0]], index[1:]) if stacked else (names, index)
+            parts = [folder.read(n, rest[::-1] if transpose else rest) for n in layers]
+            parts = [p.T if transpose else p for p in parts]
+            blocks[key] = (np.stack(parts) if stacked else parts[0]).astype(dtype, copy=False)
+        return blocks[key]
+
+    return read
+
+
+def read_decoder(ckpt_dir: str | os.PathLike, model: Llama,
+                 shardings: Mapping[tuple[Any, ...], jax.sharding.Sharding]) -> dict[tuple[Any, ...], jax.Array]:
+    """The decoder's base parameters {path in `nnx.state(model)`: array} read from a HF folder straight onto
+    `shardings` (by path): each array is assembled from the slices this process's devices hold, so a process reads
+    only those, and holds at most one parameter's local slices on the host. `model` may be abstract (eval_shape)."""
+    folder = SafetensorsFolder(ckpt_dir)
+    cfg = model.config
+    dtype = jnp.dtype(cfg.param_dtype)
+    out = {}
+    for path, var in _base_params(model):
+        shape = tuple(var.shape)
+        names, transpose, stacked = _sources(path, shape, cfg.num_layers, folder.shape, str(ckpt_dir))
+        out[path] = jax.make_array_from_callback(shape, shardings[path],
+                                                 _slice_reader(folder, names, transpose, stacked, dtype), dtype)
+    return out
 
 
 def decoder_to_hf(model: Llama, merge_lora: bool = True) -> Tensors:

@@ -1,0 +1,35 @@
+"""Full fine-tuning of Llama-3.1-8B-Instruct + bge-large-en-v1.5 on a TPU v5p-8: adapter alignment, then the adapter
+and every decoder weight trained together (no LoRA), fsdp over all chips.
+
+Training needs the two folders, given as flags (there is no checkpoint in this repository):
+
+    python -m ctelm_jax.train --config=configs/llama31_8b_full_v5p.py --workdir=gs://BUCKET/run \
+        --config.model.decoder=/path/to/Llama-3.1-8B-Instruct --config.data.encoder=/path/to/bge-large-en-v1.5
+
+Memory (the TPU compiler: `python -m ctelm_jax.aot --config=configs/llama31_8b_full_v5p.py --topology=v5p:2x2x1
+--find_batch`): fp32 parameters, gradients and AdamW moments of the 8B decoder are 120 GiB, 30 GiB per chip over the
+4 chips of a v5p-8, the smallest v5p slice. With `dots_no_batch` remat (layer matmul outputs kept, the attention
+products and elementwise work recomputed) the finetune stage at 24 rows of 512 tokens per chip (global 96) peaks at
+83.5 GiB per chip, 88% of 95 GiB; 25 rows leave less than 10% (BENCHMARKS.md "TPU compiler (ahead of time)").
+"""
+
+import ml_collections
+
+from configs import llama31_8b_v5p8
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """The LoRA recipe's model and data without LoRA; stage 2 trains adapter + decoder; fsdp over every chip."""
+    c = llama31_8b_v5p8.get_config()
+    c.model.lora_rank = 0
+    c.model.remat_policy = "dots_no_batch"
+    c.data.global_batch_size = 96
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    c.stages = [
+        dict(name="align", steps=1000, trainable=("adapter",), tasks={"describe": 1.0}, learning_rate=1e-3,
+             warmup_steps=50),
+        dict(name="finetune", steps=3000, trainable=("adapter", "decoder"),
+             tasks={"describe": 0.4, "attributes": 0.25, "compare": 0.15, "concept": 0.1, "eligibility": 0.1},
+             learning_rate=2e-5, warmup_steps=100, weight_decay=0.01),
+    ]
+    return c
