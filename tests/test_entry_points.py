@@ -1,0 +1,71 @@
+"""Every entry point runs as a user runs it: `python -m ctelm_jax.main` trains and evaluates a tiny run (real corpus
+embeddings from the embedded encoder), then decode, evaluate, export and the PyTorch-side tools work on that run.
+(`train`, `embed`, `sizing`, `aot` and `data.ctgov` run as programs in their own tests.)"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 900
+
+
+def run(module: str, *flags: str) -> str:
+    """`python -m <module> <flags>` from the repo root; fails the test with its output unless it exits 0."""
+    out = subprocess.run([sys.executable, "-m", module, *flags], cwd=REPO, capture_output=True, text=True,
+                         timeout=TIMEOUT_S)
+    assert out.returncode == 0, f"{module} exited {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
+    return out.stdout
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A tiny run made by the README's main job: training, then the evaluation report it prints."""
+    workdir = tmp_path_factory.mktemp("main") / "run"
+    printed = run("ctelm_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
+                  "--config.model.domain_dim=384", "--config.data.embeddings=", "--config.data.max_records=300")
+    assert "| ELM (step 8) |" in printed
+    assert (workdir / "eval" / "report.md").read_text().strip() in printed
+    return workdir
+
+
+@pytest.mark.slow
+def test_main_trains_evaluates_and_explores(workdir):
+    assert (workdir / "embeddings" / "corpus.npy").is_file()
+    assert json.loads((workdir / "summary.json").read_text())["step"] == 8
+    metrics = json.loads((workdir / "eval" / "metrics.json").read_text())
+    assert metrics["step"] == 8 and metrics["describe"]["ELM"]["cosine"]["n"] > 0
+    page = (workdir / "explore" / "index.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and "plotly" in page.lower()
+    assert (workdir / "explore" / "map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_decode_and_evaluate_programs(workdir, tmp_path):
+    ids = json.loads((workdir / "embeddings" / "corpus.ids.json").read_text())
+    out = tmp_path / "decoded.jsonl"
+    run("ctelm_jax.decode", f"--workdir={workdir}", "--mode=describe", f"--nctids={ids[0]},{ids[1]}",
+        "--max_new_tokens=8", f"--out={out}")
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 2 and all(r["step"] == 8 for r in rows)
+
+    report = run("ctelm_jax.evaluate", f"--workdir={workdir}", "--n_test=2", "--max_new_tokens=8", "--n_attribute=1",
+                 "--attribute_max_new_tokens=4", "--n_concept=1", "--concept_max_new_tokens=8", "--strengths=-1,1",
+                 "--n_novel=1")
+    assert "| ELM (step 8) |" in report
+
+
+@pytest.mark.slow
+def test_export_and_pytorch_tools(workdir, tmp_path):
+    hf = tmp_path / "hf"
+    run("ctelm_jax.export", f"--checkpoint={workdir}", f"--out={hf}", "--lora=peft")
+    assert (hf / "config.json").is_file() and (hf / "adapter_config.json").is_file()
+    np.save(tmp_path / "e.npy", np.load(workdir / "embeddings" / "corpus.npy")[:1])
+    text = run("ctelm_jax.hf.reference", f"--model={hf}", f"--embeddings={tmp_path / 'e.npy'}",
+               "--prompt=Describe the clinical trial <|embedding|>.", "--max_new_tokens=8")
+    assert text.strip()
+    run("ctelm_jax.hf.check_export", f"--workdir={workdir}", f"--export={hf}", "--n=2", "--max_new_tokens=8")
