@@ -140,3 +140,64 @@ def test_impossible_mesh_and_unknown_config_key():
         [sys.executable, "-m", "ctelm_jax.train", "--config=configs/tiny.py", "--workdir=/tmp/never",
          "--config.model.lora_rnk=8"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "lora_rnk" in out.stderr
+
+
+def test_sigterm_during_startup_stops_without_writing_a_checkpoint(tmp_path, monkeypatch):
+    load_splits = inputs.load_splits
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler runs on return from kill: mid start-up
+        return load_splits(*args, **kwargs)
+
+    monkeypatch.setattr(inputs, "load_splits", signalled)
+    before = signal.getsignal(signal.SIGTERM)
+    assert train(config(), tmp_path)["status"] == "preempted"
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "tb").exists()
+    assert signal.getsignal(signal.SIGTERM) is before  # the run's handler is gone again
+
+
+def test_sigint_during_validation_saves_only_the_finished_step(tmp_path, monkeypatch):
+    from ctelm_jax.train import loop
+
+    c = config()
+    c.checkpoint.every_steps = 100  # step 4 (the first validation) is not a save step
+    evaluate = loop.evaluate
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "evaluate", signalled)
+    assert train(c, tmp_path)["status"] == "preempted"
+    ckpt = Checkpointer(tmp_path / "checkpoints")
+    assert ckpt.manager.all_steps() == [4]  # the finished step the validation was for, saved without its val loss
+    ckpt.close()
+    assert sorted(losses(tmp_path)) == [1, 2, 3]  # step 4's row was to carry the val loss: not written
+
+
+def test_sigterm_while_waiting_for_data_ends_the_program_within_seconds(tmp_path):
+    """The report's hang: a seq_len too short for any example leaves the pipeline skipping every one for ever, and
+    SIGTERM used to wait for a step that never came. A real `train` process, signalled once its first stage starts,
+    now ends within seconds and writes no checkpoint (no step finished)."""
+    workdir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "ctelm_jax.train", "--config=configs/tiny.py",
+                             f"--workdir={workdir}", "--config.data.seq_len=8"], cwd=REPO, stderr=subprocess.PIPE,
+                            text=True)
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if "stage 1/2 'align'" in line:
+            break
+    time.sleep(1)  # into the pipeline's search for an example that fits
+    assert proc.poll() is None, "".join(seen[-20:])
+    proc.send_signal(signal.SIGTERM)
+    t0 = time.monotonic()
+    try:
+        rest = proc.communicate(timeout=30)[1]
+    finally:
+        proc.kill()
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 0, rest[-3000:]
+    assert "Traceback" not in rest and "SIGTERM received: stopping now" in rest
+    assert elapsed < 10
+    assert not (workdir / "checkpoints").exists() or not any((workdir / "checkpoints").iterdir())

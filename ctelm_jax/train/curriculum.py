@@ -46,7 +46,11 @@ class Curriculum:
             if unknown or not tasks:
                 raise UserError(f"stage {s['name']!r}: tasks {sorted(unknown) or '(none)'} not among {list(known_tasks)}.")
             if int(s["steps"]) <= 0:
-                raise UserError(f"stage {s['name']!r}: steps must be positive, got {s['steps']}.")
+                raise UserError(f"stage {s['name']!r}: steps={s['steps']}; a stage runs a positive number of steps "
+                                "(set its steps, or drop the stage from config.stages).")
+            if not float(s["learning_rate"]) > 0:
+                raise UserError(f"stage {s['name']!r}: learning_rate={s['learning_rate']}; set a positive learning "
+                                "rate (e.g. 1e-3 for the adapter, 3e-4 with LoRA).")
             self.stages.append(Stage(
                 name=str(s["name"]), steps=int(s["steps"]), trainable=tuple(s["trainable"]), tasks=tasks,
                 learning_rate=float(s["learning_rate"]), warmup_steps=int(s.get("warmup_steps", 0)),

@@ -2,25 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from ctelm_jax import fs
-from ctelm_jax.errors import require_folder
-from ctelm_jax.models.build import build_elm, check_model_sources, decoder_config, load_tokenizer, model_signature
+from ctelm_jax.models.build import build_elm, decoder_config, load_tokenizer, model_signature
 from ctelm_jax.parallel.distributed import maybe_initialize_distributed
 from ctelm_jax.parallel.mesh import make_mesh
 from ctelm_jax.parallel.rules import as_rules, batch_sharding, constrainer, state_shardings
@@ -30,6 +31,7 @@ from ctelm_jax.train.curriculum import Curriculum
 from ctelm_jax.train.metrics import EventWriter, peak_flops_per_device, task_losses, train_flops_per_token
 from ctelm_jax.train.stage_step import stage_step
 from ctelm_jax.train.step import TrainState, make_eval_step
+from ctelm_jax.train.validate import check_config
 from ctelm_jax.weights.elm_export import maybe_export
 
 
@@ -37,28 +39,44 @@ class NonFiniteLoss(FloatingPointError):
     """Training produced a NaN/inf loss or gradient; the run stops before saving anything from it."""
 
 
+class Interrupted(BaseException):
+    """SIGTERM / SIGINT arrived while the run was doing work it can drop (like KeyboardInterrupt, not an Exception)."""
+
+
 class Preemption:
-    """Turns SIGTERM into a flag the loop checks after each step (save, then exit)."""
+    """SIGTERM and SIGINT for the whole run: inside `droppable()` (start-up, embedding, waiting for data, validation)
+    a signal raises Interrupted at once; elsewhere (a step, a save, an export) it is a flag the loop checks after the
+    step (save, then exit). Native code (a compile) runs to its end before either happens."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._droppable = False
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
-    def _handle(self, signum, frame) -> None:
-        logging.warning("SIGTERM received: saving a checkpoint after this step, then exiting.")
+    def _handle(self, signum: int, frame: Any) -> None:
         self.requested = True
+        if self._droppable:
+            logging.warning("%s received: stopping now.", signal.Signals(signum).name)
+            raise Interrupted(signal.Signals(signum).name)
+        logging.warning("%s received: saving a checkpoint after this step, then exiting.", signal.Signals(signum).name)
+
+    @contextlib.contextmanager
+    def droppable(self) -> Iterator[None]:
+        """A block whose work a signal drops (raising Interrupted), also one that came before the block."""
+        if self.requested:
+            raise Interrupted("stop requested")
+        self._droppable = True
+        try:
+            yield
+        finally:
+            self._droppable = False
 
     def restore(self) -> None:
-        """Puts the previous SIGTERM handler back."""
-        signal.signal(signal.SIGTERM, self._previous)
-
-
-def check_sources(config: ml_collections.ConfigDict) -> None:
-    """Fails before any work when a model or encoder folder the run needs is unset or missing (UserError)."""
-    check_model_sources(config.model)
-    if not config.data.embeddings and config.data.encoder != "default":
-        require_folder(config.data.encoder, "data.encoder", "config.json",
-                       "a sentence-transformers or Hugging Face BERT folder")
+        """Puts the previous handlers back."""
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
 
 
 def _place_batch(batch: dict[str, np.ndarray], mesh, rules) -> dict[str, jax.Array]:
@@ -73,68 +91,83 @@ def _summarise(metrics: dict[str, Any], tasks: list[str]) -> dict[str, float]:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
-    """Runs (or resumes) the curriculum of `config` in `workdir`; returns a summary of the last metrics."""
+    """Runs (or resumes) the curriculum of `config` in `workdir`; returns a summary of the last metrics. SIGTERM or
+    SIGINT ends it at any moment (status 'preempted'), saving first only a finished step that is not yet saved."""
+    maybe_initialize_distributed(**config.distributed)  # before anything touches a device (check_config counts them)
+    check_config(config)
+    preemption = Preemption()
+    try:
+        return _train(config, fs.as_path(workdir), preemption)
+    finally:
+        preemption.restore()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption: Preemption) -> dict[str, Any]:
     curriculum = Curriculum(config.stages, list(config.data.tasks))
-    check_sources(config)
-    workdir = fs.as_path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    maybe_initialize_distributed(**config.distributed)
-    if jax.process_index() == 0:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    mesh = make_mesh(dict(config.mesh))
-    rules = as_rules(config.rules)
-    tasks = list(config.data.tasks)
-    tokenizer = load_tokenizer(config.model)
-    data = inputs.load_splits(config, workdir, tokenizer)
-    # A resumed run restores the adapter statistics it started with over these.
-    model = build_elm(config.model, tokenizer, constrain=constrainer(mesh, rules),
-                      train_embeddings=data["train"].embeddings, mesh=mesh, rules=rules)
-    graphdef, state = nnx.split(model)
-    del model
-    param_shardings = nnx.to_pure_dict(state_shardings(state, mesh, rules))
-    params = nnx.to_pure_dict(state)  # created in their shards on the mesh: nothing to place
-    del state
+    summary: dict[str, Any] = {"status": "preempted"}
+    try:
+        with preemption.droppable():
+            workdir.mkdir(parents=True, exist_ok=True)
+            if jax.process_index() == 0:
+                (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+            mesh = make_mesh(dict(config.mesh))
+            rules = as_rules(config.rules)
+            tasks = list(config.data.tasks)
+            tokenizer = load_tokenizer(config.model)
+            data = inputs.load_splits(config, workdir, tokenizer)
+            # A resumed run restores the adapter statistics it started with over these.
+            model = build_elm(config.model, tokenizer, constrain=constrainer(mesh, rules),
+                              train_embeddings=data["train"].embeddings, mesh=mesh, rules=rules)
+            graphdef, state = nnx.split(model)
+            del model
+            param_shardings = nnx.to_pure_dict(state_shardings(state, mesh, rules))
+            params = nnx.to_pure_dict(state)  # created in their shards on the mesh: nothing to place
+            del state
+    except Interrupted:
+        return summary
     signature = model_signature(config.model)
 
     ckpt = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep, keep_best=config.checkpoint.keep_best,
                         async_save=config.checkpoint.async_save)
-    step, stage_index, data_state = 0, 0, None
-    latest = ckpt.latest_step()
-    if latest is not None:
-        ckpt.check_meta(latest, signature)
-        _, progress, data_state = ckpt.restore_meta(latest)
-        step, stage_index = int(progress["step"]), int(progress["stage"])
-        logging.info("resuming from %s at step %d (stage %s)", ckpt.directory, step, stage_index)
-
+    writer = EventWriter(workdir / "tb")
     dcfg = decoder_config(config.model)
     seq_len, global_batch = int(config.data.seq_len), int(config.data.global_batch_size)
     replicated = NamedSharding(mesh, PartitionSpec())
-    writer = EventWriter(workdir / "tb")
     peak = peak_flops_per_device(dcfg.dtype) * jax.device_count()
     eval_step = jax.jit(make_eval_step(graphdef, len(tasks)), in_shardings=(param_shardings, None))
-    preemption = Preemption()
-    summary: dict[str, Any] = {"status": "finished"}
+    step, unsaved = 0, False
     try:
+        with preemption.droppable():
+            stage_index, data_state = 0, None
+            latest = ckpt.latest_step()
+            if latest is not None:
+                ckpt.check_meta(latest, signature)
+                _, progress, data_state = ckpt.restore_meta(latest)
+                step, stage_index = int(progress["step"]), int(progress["stage"])
+                logging.info("resuming from %s at step %d (stage %s)", ckpt.directory, step, stage_index)
         for index in range(stage_index, len(curriculum.stages)):
             stage = curriculum.stages[index]
             start, end = curriculum.bounds(index)
-            built = stage_step(graphdef, params, param_shardings, stage, len(tasks), mesh)
             resuming = latest is not None and index == stage_index
-            if resuming:
-                restored = ckpt.restore_state(latest, _as_dict(built.abstract_state(params)))
-                ts = TrainState(**restored)
-                params = ts.params
-            else:
-                opt_state = jax.jit(built.tx.init, out_shardings=built.opt_shardings)(params)
-                ts = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
-                                opt_state=opt_state)
+            with preemption.droppable():
+                built = stage_step(graphdef, params, param_shardings, stage, len(tasks), mesh)
+                if resuming:
+                    restored = ckpt.restore_state(latest, _as_dict(built.abstract_state(params)))
+                    ts = TrainState(**restored)
+                    params = ts.params
+                else:
+                    opt_state = jax.jit(built.tx.init, out_shardings=built.opt_shardings)(params)
+                    ts = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
+                                    opt_state=opt_state)
             if step >= end:
                 params = ts.params
                 continue
             train_step = built.step
-            batches = inputs.train_batches(config, data["train"], tokenizer, stage, seed=int(config.data.seed) + index)
-            if resuming and data_state is not None and step > start:
-                batches.set_state(data_state)
+            with preemption.droppable():
+                batches = inputs.train_batches(config, data["train"], tokenizer, stage,
+                                               seed=int(config.data.seed) + index)
+                if resuming and data_state is not None and step > start:
+                    batches.set_state(data_state)
             flops_per_step = train_flops_per_token(dcfg, seq_len, "decoder" in stage.trainable) * global_batch * seq_len
             logging.info("stage %d/%d %r: steps %d..%d, trainable=%s, tasks=%s", index + 1, len(curriculum.stages),
                          stage.name, start, end, stage.trainable, stage.task_weights)
@@ -142,7 +175,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
                        dynamic_ncols=True)
             while step < end:
                 t0 = time.perf_counter()
-                batch_np = next(batches)
+                with preemption.droppable():
+                    batch_np = next(batches)
+                data_state = batches.get_state()  # after this step's batch: what a save of this step records
                 ts, metrics = train_step(ts, _place_batch(batch_np, mesh, rules))
                 metrics = jax.device_get(metrics)
                 dt = time.perf_counter() - t0
@@ -152,15 +187,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
                         f"stream, loss={float(metrics['loss'])}, grad_norm={float(metrics['grad_norm'])}); stopped "
                         f"without saving it. The last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}. "
                         "Lower the learning rate or check the embeddings and data of that batch.")
-                step += 1
+                step, unsaved = step + 1, True
                 scalars = _summarise(metrics, tasks)
                 scalars.update({"lr": float(stage.schedule()(step - start - 1)), "step_time_s": dt,
                                 "tokens_per_s": global_batch * seq_len / dt, "mfu": flops_per_step / dt / peak,
                                 "target_tokens": float(metrics["target_tokens"])})
                 val_loss = None
                 if config.eval.every_steps and (step % config.eval.every_steps == 0 or step == end):
-                    val_loss = evaluate(eval_step, ts.params, config, data["validation"], tokenizer, stage, mesh, rules,
-                                        tasks)
+                    with preemption.droppable():
+                        val_loss = evaluate(eval_step, ts.params, config, data["validation"], tokenizer, stage, mesh,
+                                            rules, tasks)
                     scalars.update({f"val/{k}": v for k, v in val_loss.items()})
                 if step % config.log_every == 0 or step == end:
                     writer.write(step, scalars)
@@ -169,23 +205,27 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
                 bar.update(1)
                 summary["last"] = scalars
                 if step % config.checkpoint.every_steps == 0 or step == end or preemption.requested:
-                    ckpt.save(step, _as_dict(ts), batches.get_state(), {"stage": index, "step": step}, signature,
+                    ckpt.save(step, _as_dict(ts), data_state, {"stage": index, "step": step}, signature,
                               val_loss=None if val_loss is None else val_loss["loss"])
+                    unsaved = False
                 maybe_export(config, workdir, step, graphdef, ts.params, tokenizer)
                 if preemption.requested:
-                    ckpt.wait()
-                    logging.warning("preempted: checkpoint of step %d saved in %s; rerun the same command to resume.",
-                                    step, ckpt.directory)
-                    summary["status"] = "preempted"
-                    return summary
+                    raise Interrupted("stop requested")
             bar.close()
             params = ts.params
             data_state = None
+    except Interrupted:
+        if unsaved:  # the signal landed after a finished step (while waiting for data or validating)
+            ckpt.save(step, _as_dict(ts), data_state, {"stage": index, "step": step}, signature)
+        ckpt.wait()
+        logging.warning("stopped by a signal at step %d; %s", step,
+                        f"checkpoint of step {step} in {ckpt.directory}: rerun the same command to resume."
+                        if step else "no step to save.")
+        return summary
     finally:
-        preemption.restore()
         ckpt.close()
         writer.close()
-    summary["step"] = step
+    summary.update(status="finished", step=step)
     if jax.process_index() == 0:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
