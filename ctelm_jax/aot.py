@@ -24,7 +24,7 @@ import ml_collections
 from absl import app, logging
 
 from ctelm_jax import sizing
-from ctelm_jax.errors import UserError
+from ctelm_jax.errors import UserError, entry_point
 from ctelm_jax.generate import SamplingConfig, decode_batch
 from ctelm_jax.models.build import decoder_config
 from ctelm_jax.models.llama import LlamaConfig
@@ -227,14 +227,12 @@ def main(argv: list[str]) -> None:
             best = find_batch(config, devices)
             print(f"\nlargest global batch at seq {FIND_BATCH_SEQ_LEN} leaving {FIND_BATCH_HEADROOM:.0%} of HBM free "
                   f"on {_TOPOLOGY.value}: {best}" + ("" if best else " (none: shard more, use remat)"))
-    except (UserError, ValueError) as e:
-        raise SystemExit(f"ctelm_jax.aot: error: {e}") from e
     except jax.errors.JaxRuntimeError as e:
         if not out_of_memory(e):
             raise
-        raise SystemExit(f"ctelm_jax.aot: error: a program does not fit in HBM on {_TOPOLOGY.value}: "
-                         f"{str(e).splitlines()[0]}. Lower --config.data.global_batch_size (--find_batch finds the "
-                         "largest), shard over more chips, or use remat.") from e
+        raise UserError(f"a program does not fit in HBM on {_TOPOLOGY.value}: {str(e).splitlines()[0]}. Lower "
+                        "--config.data.global_batch_size (--find_batch finds the largest), shard over more chips, or "
+                        "use remat.") from e
 
 
 if __name__ == "__main__":
@@ -245,4 +243,4 @@ if __name__ == "__main__":
     _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, e.g. v5p:2x2x1 (v5p-8), v5p:2x2x2, v5e:2x4.")
     _FIND_BATCH = flags.DEFINE_bool("find_batch", False, "Also search the largest global batch that fits (compiles).")
     flags.mark_flags_as_required(["config", "topology"])
-    app.run(main)
+    app.run(entry_point(main, "ctelm_jax.aot", also=(ValueError,)))

@@ -30,6 +30,7 @@ from etils import epath
 from ctelm_jax import fs
 from ctelm_jax.data import render
 from ctelm_jax.data.render import TrialFields
+from ctelm_jax.errors import MissingInput
 
 NPZ, JSON = "concepts.npz", "concepts.json"
 Filter = Callable[[TrialFields], bool]
@@ -121,7 +122,7 @@ def load(workdir: str | os.PathLike) -> dict[str, Concept]:
     """The concepts saved with a run; FileNotFoundError says how to make them."""
     workdir = fs.as_path(workdir)
     if not (workdir / NPZ).is_file() or not (workdir / JSON).is_file():
-        raise FileNotFoundError(f"{workdir}: no concept vectors ({NPZ} + {JSON}); compute them with "
+        raise MissingInput(f"{workdir}: no concept vectors ({NPZ} + {JSON}); compute them with "
                                 f"`python -m ctelm_jax.concepts --workdir={workdir}` (or run the evaluation).")
     meta = json.loads((workdir / JSON).read_text())["concepts"]
     with (workdir / NPZ).open("rb") as f, np.load(f) as arrays:

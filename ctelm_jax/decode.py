@@ -28,6 +28,7 @@ from etils import epath
 from ctelm_jax import concepts as concepts_lib
 from ctelm_jax import fs
 from ctelm_jax.data import render
+from ctelm_jax.errors import MissingInput, entry_point
 from ctelm_jax.eval import prompts
 from ctelm_jax.generate import SamplingConfig
 from ctelm_jax.models.elm import ELM
@@ -71,7 +72,7 @@ def vectors_from_npy(path: str | os.PathLike, dim: int) -> tuple[list[str], np.n
     """(labels, vectors) of a .npy file (local or remote)."""
     path = fs.as_path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--npy={path}: no such file.")
+        raise MissingInput(f"--npy={path}: no such file.")
     with path.open("rb") as f:
         vectors = check_vectors(np.load(f, allow_pickle=False), dim, str(path))
     return [f"{path.name}[{i}]" for i in range(len(vectors))], vectors
@@ -205,12 +206,9 @@ def _input_vectors(f: flags.FlagValues, workdir: epath.Path, config: Any,
 
 
 def main(argv: list[str]) -> None:
-    """Runs `decode`; bad inputs end the program with their message instead of a traceback."""
+    """Runs `decode` with the parsed flags."""
     del argv
-    try:
-        decode(flags.FLAGS)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"ctelm_jax.decode: error: {e}") from e
+    decode(flags.FLAGS)
 
 
 def decode(f: flags.FlagValues) -> None:
@@ -244,4 +242,4 @@ def decode(f: flags.FlagValues) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(entry_point(main, "ctelm_jax.decode", also=(ValueError, FileNotFoundError)))

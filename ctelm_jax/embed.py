@@ -18,6 +18,7 @@ from absl import app, flags, logging
 from ctelm_jax.data.corpus import load_records
 from ctelm_jax.data.embeddings import embed_corpus, load_encoder
 from ctelm_jax.data.render import render_text
+from ctelm_jax.errors import entry_point
 from ctelm_jax.parallel.distributed import maybe_initialize_distributed
 from ctelm_jax.weights.default import ENCODER_NAME
 
@@ -48,4 +49,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(entry_point(main, "ctelm_jax.embed"))

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
 from pathlib import Path
+from typing import Callable, Sequence
+
+TRACEBACK_ENV = "CTELM_TRACEBACK"  # set to 1: entry points raise user errors with their full traceback
 
 
 class UserError(ValueError):
     """Input the user can fix (a config value, a flag, a file); the message names the problem and the fix."""
+
+
+class MissingInput(UserError, FileNotFoundError):
+    """A file or folder the user named (or a run should hold) is not there; the message says what to pass."""
 
 
 def require_folder(value: str, flag: str, marker: str, what: str) -> Path:
@@ -19,3 +28,27 @@ def require_folder(value: str, flag: str, marker: str, what: str) -> Path:
         problem = "does not exist" if not folder.exists() else f"has no {marker}"
         raise UserError(f"{flag}={value}: the folder {problem}; pass --config.{flag}=PATH, {what}.")
     return folder
+
+
+def entry_point(main: Callable[[list[str]], None], prog: str,
+                also: Sequence[type[Exception]] = ()) -> Callable[[list[str]], None]:
+    """`main` for absl's `app.run`: a UserError (or one of `also`) ends the program with the one line
+    `<prog>: error: <message>` on stderr and exit code 2, Ctrl-C with exit code 130; CTELM_TRACEBACK=1 re-raises."""
+    caught = (UserError, *also)
+
+    @functools.wraps(main)
+    def run(argv: list[str]) -> None:
+        try:
+            main(argv)
+        except caught as e:
+            if os.environ.get(TRACEBACK_ENV) == "1":
+                raise
+            print(f"{prog}: error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except KeyboardInterrupt:
+            if os.environ.get(TRACEBACK_ENV) == "1":
+                raise
+            print(f"{prog}: interrupted", file=sys.stderr)
+            raise SystemExit(130) from None
+
+    return run

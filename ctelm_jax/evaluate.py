@@ -9,6 +9,7 @@ import os
 
 from absl import app, flags
 
+from ctelm_jax.errors import entry_point
 from ctelm_jax.eval.suite import EvalSizes, evaluate_run
 
 
@@ -56,4 +57,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(entry_point(main, "ctelm_jax.evaluate"))

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from absl import app, flags, logging
 from etils import epath
 
+from ctelm_jax.errors import UserError, entry_point
 from ctelm_jax.weights.elm_export import LORA_MODES, export_run
 
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -26,7 +27,7 @@ def parse_size(text: str) -> int:
     """Bytes of a size such as '5GB' (powers of 1000), '500MiB' (powers of 1024) or '1000000'."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
     if not match or match.group(2).upper() not in UNITS:
-        raise ValueError(f"size {text!r}: expected a number with an optional unit (B, KB, MB, GB, TB, KiB, MiB, "
+        raise UserError(f"--max_shard_size={text!r}: expected a number with an optional unit (B, KB, MB, GB, TB, KiB, MiB, "
                          "GiB, TiB).")
     return int(float(match.group(1)) * UNITS[match.group(2).upper()])
 
@@ -59,4 +60,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
     define_flags(flags.FLAGS)
-    app.run(main)
+    app.run(entry_point(main, "ctelm_jax.export"))

@@ -23,6 +23,8 @@ from typing import Iterator
 import fsspec
 from etils import epath
 
+from ctelm_jax.errors import MissingInput
+
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _MANGLED_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/(?!/)")  # 2+ letters: not a drive (C:/)
 _COPY_CHUNK = 64 * 2**20
@@ -62,7 +64,7 @@ def local_copy(folder: str | os.PathLike) -> Iterator[pathlib.Path]:
         yield pathlib.Path(folder)
         return
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: no such folder.")
+        raise MissingInput(f"{folder}: no such folder.")
     with tempfile.TemporaryDirectory(prefix="ctelm-download-") as tmp:
         for rel in _files(folder):
             (pathlib.Path(tmp) / rel).parent.mkdir(parents=True, exist_ok=True)

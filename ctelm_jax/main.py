@@ -6,7 +6,7 @@
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ctelm_jax.errors import UserError
+from ctelm_jax.errors import entry_point
 from ctelm_jax.train.loop import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Training config file (ml_collections).")
@@ -16,10 +16,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Run directory.")
 def main(argv: list[str]) -> None:
     """Trains (resuming if the workdir has a checkpoint), prints the evaluation table and writes the explorer page."""
     del argv
-    try:
-        summary = train(_CONFIG.value, _WORKDIR.value)
-    except UserError as e:
-        raise SystemExit(f"ctelm_jax.main: error: {e}") from e
+    summary = train(_CONFIG.value, _WORKDIR.value)
     logging.info("training %s at step %s", summary["status"], summary.get("step"))
     if summary["status"] != "finished":
         return
@@ -30,4 +27,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(entry_point(main, "ctelm_jax.main"))

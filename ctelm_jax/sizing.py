@@ -32,6 +32,7 @@ from absl import app
 from flax import nnx
 from jax.sharding import AbstractMesh, Mesh, PartitionSpec
 
+from ctelm_jax.errors import entry_point
 from ctelm_jax.models.adapter import Adapter
 from ctelm_jax.models.build import decoder_config
 from ctelm_jax.models.elm import ELM
@@ -363,4 +364,4 @@ if __name__ == "__main__":
     _MEMORY_GIB = flags.DEFINE_float("memory_gib", 0.0, "Device memory in GiB: also recommend the largest batch.")
     _XLA = flags.DEFINE_bool("xla", False, "Also compile each stage's train step here and print XLA's memory analysis.")
     flags.mark_flag_as_required("config")
-    app.run(main)
+    app.run(entry_point(main, "ctelm_jax.sizing", also=(ValueError,)))

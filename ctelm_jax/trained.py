@@ -13,6 +13,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from ctelm_jax import fs
+from ctelm_jax.errors import MissingInput
 from ctelm_jax.models.build import abstract_elm, load_tokenizer
 from ctelm_jax.models.elm import ELM
 from ctelm_jax.parallel.mesh import make_mesh
@@ -34,7 +35,7 @@ def load_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     """The resolved config a run wrote into its workdir."""
     path = fs.as_path(workdir) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: not a ctelm_jax run directory (no config.json); pass the --workdir of a run.")
+        raise MissingInput(f"{path}: not a ctelm_jax run directory (no config.json); pass the --workdir of a run.")
     return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 

@@ -1,8 +1,10 @@
 """Every entry point runs as a user runs it: `python -m ctelm_jax.main` trains and evaluates a tiny run (real corpus
 embeddings from the embedded encoder), then decode, evaluate, export and the PyTorch-side tools work on that run.
-(`train`, `embed`, `sizing`, `aot` and `data.ctgov` run as programs in their own tests.)"""
+(`train`, `embed`, `sizing`, `aot` and `data.ctgov` run as programs in their own tests; export and embed are also
+given bad paths here, which each must report as one line.)"""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -69,3 +71,34 @@ def test_export_and_pytorch_tools(workdir, tmp_path):
                "--prompt=Describe the clinical trial <|embedding|>.", "--max_new_tokens=8")
     assert text.strip()
     run("ctelm_jax.hf.check_export", f"--workdir={workdir}", f"--export={hf}", "--n=2", "--max_new_tokens=8")
+
+
+def fails_with_one_line(module: str, *flags: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m <module> <flags>`, which must exit 2 with a single `<module>: error: ...` line on stderr."""
+    out = subprocess.run([sys.executable, "-m", module, *flags], cwd=REPO, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, **(env or {})})
+    assert out.returncode == 2, f"{module} exited {out.returncode}\n{out.stderr[-5000:]}"
+    [line] = out.stderr.strip().splitlines()
+    assert line.startswith(f"{module}: error: ") and "Traceback" not in out.stderr
+    return out
+
+
+def test_export_of_a_missing_run_is_one_line(tmp_path):
+    out = fails_with_one_line("ctelm_jax.export", f"--checkpoint={tmp_path / 'nope'}", f"--out={tmp_path / 'hf'}")
+    assert "not a ctelm_jax run directory (no config.json); pass the --workdir of a run." in out.stderr
+    assert not (tmp_path / "hf").exists()
+    # CTELM_TRACEBACK=1 gives the traceback behind the line.
+    full = subprocess.run([sys.executable, "-m", "ctelm_jax.export", f"--checkpoint={tmp_path / 'nope'}",
+                           f"--out={tmp_path / 'hf'}"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "CTELM_TRACEBACK": "1"})
+    assert full.returncode != 0 and "Traceback" in full.stderr and "MissingInput" in full.stderr
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--corpus={tmp}/nope.jsonl", "nope.jsonl: no such corpus file; pass a .jsonl(.gz) of trial records"),
+    ("--encoder={tmp}/no_encoder", "no_encoder: no such encoder folder; pass a sentence-transformers/HF BERT folder."),
+])
+def test_embed_with_a_bad_path_is_one_line(tmp_path, flag, message):
+    out = fails_with_one_line("ctelm_jax.embed", flag.format(tmp=tmp_path), f"--out={tmp_path / 'emb'}")
+    assert message in out.stderr
+    assert not list(tmp_path.glob("emb*"))

@@ -12,6 +12,8 @@ from typing import Any, Iterable, Iterator, Literal
 
 from absl import logging
 
+from ctelm_jax.errors import MissingInput
+
 SHIPPED = Path(__file__).resolve().parents[2] / "data" / "clinical_trials.jsonl.gz"
 REQUIRED: dict[str, type] = {"nctid": str, "phase": str, "status": str, "diseases": list, "drugs": list,
                              "criteria": str}
@@ -111,7 +113,7 @@ def load_records(path: str | os.PathLike = SHIPPED) -> list[dict]:
     """Valid trial records of a .jsonl or .jsonl.gz file; invalid lines are skipped with a logged, counted reason."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such corpus file; pass a .jsonl(.gz) of trial records (see "
+        raise MissingInput(f"{path}: no such corpus file; pass a .jsonl(.gz) of trial records (see "
                                 f"data/README.md, or import ClinicalTrials.gov exports with ctelm_jax.data.ctgov).")
     bad: collections.Counter[str] = collections.Counter()
     records = list(_parse(_lines(path), bad))

@@ -18,6 +18,7 @@ from typing import Any, Iterator, Mapping
 from absl import app, flags, logging
 
 from ctelm_jax.data import corpus
+from ctelm_jax.errors import MissingInput, entry_point
 
 _PHASES = {"EARLY_PHASE1": "early phase 1", "PHASE1": "phase 1", "PHASE2": "phase 2", "PHASE3": "phase 3",
            "PHASE4": "phase 4", "NA": "not applicable"}
@@ -86,6 +87,8 @@ def _studies(value: Any) -> Iterator[Any]:
 def read_studies(path: str | os.PathLike) -> Iterator[Any]:
     """Study objects in a .json / .jsonl file or a folder of them."""
     path = Path(path)
+    if not path.exists():
+        raise MissingInput(f"{path}: no such file or folder; pass a ClinicalTrials.gov API v2 JSON / JSONL export.")
     if path.is_dir():
         for child in sorted(path.rglob("*")):
             if child.suffix in (".json", ".jsonl"):
@@ -120,4 +123,4 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     flags.DEFINE_string("input", None, "API v2 JSON / JSONL file or folder of them.", required=True)
     flags.DEFINE_string("out", None, "Output corpus file (.jsonl or .jsonl.gz).", required=True)
-    app.run(main)
+    app.run(entry_point(main, "ctelm_jax.data.ctgov", also=(ValueError,)))

@@ -22,6 +22,7 @@ from absl import logging
 from tqdm import tqdm
 
 from ctelm_jax import fs
+from ctelm_jax.errors import MissingInput
 from ctelm_jax.parallel.distributed import gather_shares, local_data_mesh, process_share, run_on_process_0
 
 if TYPE_CHECKING:
@@ -121,7 +122,7 @@ def load_embeddings(path: str | os.PathLike, expected_dim: int | None = None) ->
     fix = f" Re-create them with `python -m ctelm_jax.embed --out={str(array_path)[: -len(ARRAY_SUFFIX)]}`."
     for p in (array_path, ids_path, meta_path):
         if not p.is_file():
-            raise FileNotFoundError(f"{p}: missing; an embedding set is {ARRAY_SUFFIX} + {IDS_SUFFIX} + "
+            raise MissingInput(f"{p}: missing; an embedding set is {ARRAY_SUFFIX} + {IDS_SUFFIX} + "
                                     f"{META_SUFFIX}.{fix}")
     try:
         with array_path.open("rb") as f:

@@ -24,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from ctelm_jax.encoders.pooling import pool, read_pooling_mode
+from ctelm_jax.errors import MissingInput
 from ctelm_jax.models.layers import Dense, LogicalAxes, logical_param
 from ctelm_jax.weights.hf import CheckpointError, Tensors, read_config, read_tensors
 
@@ -336,11 +337,11 @@ class SentenceEncoder:
         """Loads a sentence-transformers (or plain HF BERT) folder; `max_length` overrides its max_seq_length."""
         path = Path(path)
         if not path.is_dir():
-            raise FileNotFoundError(f"{path}: no such encoder folder; pass a sentence-transformers/HF BERT folder.")
+            raise MissingInput(f"{path}: no such encoder folder; pass a sentence-transformers/HF BERT folder.")
         sc = read_sentence_config(path)
         model = load_bert(sc.transformer_dir)
         if not (sc.transformer_dir / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"{sc.transformer_dir}: no tokenizer.json; the encoder needs the model's tokenizer.")
+            raise MissingInput(f"{sc.transformer_dir}: no tokenizer.json; the encoder needs the model's tokenizer.")
         tokenizer = AutoTokenizer.from_pretrained(str(sc.transformer_dir))
         if sc.do_lower_case:
             _lowercase_inputs(tokenizer)

@@ -9,6 +9,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from ctelm_jax.errors import MissingInput
+
 POOLING_MODES = ("mean", "cls")
 _LEGACY_FLAGS = {
     "pooling_mode_mean_tokens": "mean",
@@ -49,7 +51,7 @@ def read_pooling_mode(pooling_dir: str | os.PathLike) -> str:
     """The pooling mode ('mean' or 'cls') in a sentence-transformers `Pooling` folder's `config.json`."""
     path = Path(pooling_dir) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; a sentence-transformers Pooling module keeps its mode there.")
+        raise MissingInput(f"{path}: missing; a sentence-transformers Pooling module keeps its mode there.")
     try:
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as e:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
+from ctelm_jax.errors import entry_point
 from ctelm_jax.explore.atlas import ExploreSizes
 from ctelm_jax.explore.run import explore_run, search_run
 
@@ -48,22 +49,19 @@ def parse_pairs(values: list[str]) -> list[tuple[str, str]]:
 
 
 def main(argv: list[str]) -> None:
-    """Runs the search or builds the explorer; bad inputs end the program with their message."""
+    """Runs the search or builds the explorer."""
     del argv
     f = flags.FLAGS
-    try:
-        if f.search:
-            print(search_run(f.workdir, f.search, f.neighbours))
-            return
-        sizes = ExploreSizes(clusters=f.clusters, pairs=f.n_pairs, path_steps=f.path_steps,
-                             concept_trials=f.concept_trials, strengths=tuple(float(s) for s in f.strengths),
-                             neighbours=f.neighbours, max_new_tokens=f.max_new_tokens, batch_size=f.batch_size,
-                             seed=f.seed)
-        print(explore_run(f.workdir, sizes, parse_pairs(f.pairs), f.concept_nctids, f.concepts, f.step))
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"ctelm_jax.explore: error: {e}") from e
+    if f.search:
+        print(search_run(f.workdir, f.search, f.neighbours))
+        return
+    sizes = ExploreSizes(clusters=f.clusters, pairs=f.n_pairs, path_steps=f.path_steps,
+                         concept_trials=f.concept_trials, strengths=tuple(float(s) for s in f.strengths),
+                         neighbours=f.neighbours, max_new_tokens=f.max_new_tokens, batch_size=f.batch_size,
+                         seed=f.seed)
+    print(explore_run(f.workdir, sizes, parse_pairs(f.pairs), f.concept_nctids, f.concepts, f.step))
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(entry_point(main, "ctelm_jax.explore", also=(ValueError, FileNotFoundError)))

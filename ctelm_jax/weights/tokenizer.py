@@ -8,6 +8,8 @@ from typing import Sequence
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from ctelm_jax.errors import MissingInput
+
 PLACEHOLDER = "<|embedding|>"
 
 
@@ -32,7 +34,7 @@ class Tokenizer:
         """Loads `tokenizer.json` + `tokenizer_config.json` (with chat template) from a folder."""
         path = Path(path)
         if not (path / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"{path}: no tokenizer.json; export or convert the model's tokenizer there first.")
+            raise MissingInput(f"{path}: no tokenizer.json; export or convert the model's tokenizer there first.")
         return cls(AutoTokenizer.from_pretrained(str(path)), placeholder)
 
     @classmethod
