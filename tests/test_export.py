@@ -13,7 +13,9 @@ from absl import flags
 from flax import nnx, traverse_util
 
 from configs import tiny
+from conftest import pickle_trap
 from ctelm_jax import export
+from ctelm_jax.errors import UserError
 from ctelm_jax.hf import reference
 from ctelm_jax.models.adapter import Adapter, set_standardisation
 from ctelm_jax.models.build import build_elm
@@ -251,6 +253,15 @@ def test_bad_folders_raise(tmp_path, elm, tokenizer):
     with pytest.raises(ValueError, match="no LoRA factors"):
         export_elm(no_lora, tokenizer, tmp_path / "x", lora="peft")
     assert not (tmp_path / "x").exists()
+
+
+def test_pickle_only_elm_folder_is_refused_unread(tmp_path, elm, tokenizer):
+    out = export_elm(elm, tokenizer, tmp_path / "hf")
+    (out / "model.safetensors").unlink()
+    unpickled = pickle_trap(out / "model.pt")
+    with pytest.raises(UserError, match=r"pickles \(model\.pt\).*safe_serialization=True"):
+        import_elm(out, tokenizer=tokenizer)
+    assert not unpickled.exists()
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -148,20 +147,6 @@ def check_target(out_dir: str | os.PathLike, overwrite: bool) -> epath.Path:
     return out
 
 
-def _sibling(out: Path, tag: str) -> Path:
-    """A new hidden folder beside `out` (created with the umask's permissions, unlike mkdtemp's 0700)."""
-    path = out.parent / f".{out.name}.{tag}-{secrets.token_hex(6)}"
-    path.mkdir()
-    return path
-
-
-def _share_like_folder(folder: Path) -> None:
-    """Gives every file under `folder` the folder's read/write bits (safetensors writes its files 0600)."""
-    mode = folder.stat().st_mode & 0o777
-    for path in folder.rglob("*"):
-        path.chmod(mode if path.is_dir() else mode & 0o666)
-
-
 @contextlib.contextmanager
 def staged_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yields a local temporary folder to fill; on success it replaces `out_dir`, on failure it is removed.
@@ -178,14 +163,14 @@ def staged_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[
         return
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _sibling(out, "tmp")
+    tmp = fs.hidden_sibling(out, "tmp")
     try:
         yield tmp
-        _share_like_folder(tmp)
+        fs.share_like_folder(tmp)
         if out.is_dir() and not any(out.iterdir()):
             out.rmdir()
         if out.exists() or out.is_symlink():
-            old = _sibling(out, "old")
+            old = fs.hidden_sibling(out, "old")
             os.replace(out, old / out.name)
             try:
                 os.replace(tmp, out)
