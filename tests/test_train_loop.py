@@ -2,7 +2,9 @@
 
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -18,10 +20,12 @@ from flax import nnx, traverse_util
 from configs import tiny
 from ctelm_jax.models.adapter import standardisation
 from ctelm_jax.models.build import build_elm, load_tokenizer
+from ctelm_jax import fs
+from ctelm_jax.errors import UserError
 from ctelm_jax.parallel.mesh import make_mesh, resolve_mesh_shape
 from ctelm_jax.parallel.rules import as_rules, state_shardings
 from ctelm_jax.train.checkpoint import Checkpointer, CheckpointMismatch
-from ctelm_jax.train import inputs
+from ctelm_jax.train import inputs, workdir_lock
 from ctelm_jax.train.loop import NonFiniteLoss, train
 from ctelm_jax.trained import load_trained
 
@@ -129,6 +133,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     meta, progress, _ = ckpt.restore_meta(last)
     assert progress["step"] == last
     ckpt.close()
+    assert not (tmp_path / workdir_lock.LOCK_FILE).exists()  # released on the exception too
 
 
 def test_impossible_mesh_and_unknown_config_key():
@@ -140,3 +145,26 @@ def test_impossible_mesh_and_unknown_config_key():
         [sys.executable, "-m", "ctelm_jax.train", "--config=configs/tiny.py", "--workdir=/tmp/never",
          "--config.model.lora_rnk=8"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "lora_rnk" in out.stderr
+
+
+def test_second_run_on_a_workdir_in_use_is_refused(tmp_path):
+    workdir = fs.as_path(tmp_path)
+    holder = workdir_lock.acquire(workdir)  # a run of this very process holds it
+    with pytest.raises(UserError, match=re.escape(f"in use by another run: pid {os.getpid()} on host "
+                                                  f"{socket.gethostname()}, started {holder.started}")):
+        train(config(), tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [workdir_lock.LOCK_FILE]  # refused before any other write
+    (tmp_path / workdir_lock.LOCK_FILE).write_text(json.dumps({**vars(holder), "host": "elsewhere"}))
+    with pytest.raises(UserError, match=r"locked by a run on another host \(pid \d+ on host elsewhere.*If that run "
+                                        r"is gone .*delete .*lock\.json"):
+        train(config(), tmp_path)
+
+
+def test_stale_lock_is_taken_over_and_released_after_the_run(tmp_path, caplog):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # its pid now names no process
+    (tmp_path / workdir_lock.LOCK_FILE).write_text(json.dumps(
+        {"host": socket.gethostname(), "pid": gone.pid, "started": "2020-01-01T00:00:00+00:00"}))
+    assert train(config(), tmp_path)["status"] == "finished"
+    assert f"taking over the stale lock {tmp_path / workdir_lock.LOCK_FILE}: pid {gone.pid}" in caplog.text
+    assert not (tmp_path / workdir_lock.LOCK_FILE).exists()

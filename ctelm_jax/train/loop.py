@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
@@ -24,7 +25,7 @@ from ctelm_jax.models.build import build_elm, check_model_sources, decoder_confi
 from ctelm_jax.parallel.distributed import maybe_initialize_distributed
 from ctelm_jax.parallel.mesh import make_mesh
 from ctelm_jax.parallel.rules import as_rules, batch_sharding, constrainer, state_shardings
-from ctelm_jax.train import inputs
+from ctelm_jax.train import inputs, workdir_lock
 from ctelm_jax.train.checkpoint import Checkpointer
 from ctelm_jax.train.curriculum import Curriculum
 from ctelm_jax.train.metrics import EventWriter, peak_flops_per_device, task_losses, train_flops_per_token
@@ -73,12 +74,19 @@ def _summarise(metrics: dict[str, Any], tasks: list[str]) -> dict[str, float]:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
-    """Runs (or resumes) the curriculum of `config` in `workdir`; returns a summary of the last metrics."""
+    """Runs (or resumes) the curriculum of `config` in `workdir`, holding its lock (one run per workdir); returns a
+    summary of the last metrics."""
     curriculum = Curriculum(config.stages, list(config.data.tasks))
     check_sources(config)
     workdir = fs.as_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     maybe_initialize_distributed(**config.distributed)
+    with workdir_lock.hold(workdir):
+        return _train(config, workdir, curriculum)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: epath.Path, curriculum: Curriculum) -> dict[str, Any]:
+    """`train` in a workdir this run holds."""
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     mesh = make_mesh(dict(config.mesh))
