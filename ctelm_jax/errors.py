@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 class UserError(ValueError):
@@ -19,3 +22,18 @@ def require_folder(value: str, flag: str, marker: str, what: str) -> Path:
         problem = "does not exist" if not folder.exists() else f"has no {marker}"
         raise UserError(f"{flag}={value}: the folder {problem}; pass --config.{flag}=PATH, {what}.")
     return folder
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error`, or one it was raised from, says a disk is full or a quota used up: an OSError with ENOSPC or
+    EDQUOT, or a library's error quoting one (tensorstore's ValueError, safetensors' SafetensorError: "... No space
+    left on device ...")."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:  # a cause may loop back
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in NO_SPACE:
+            return True
+        if any(os.strerror(code) in str(error) for code in NO_SPACE):
+            return True
+        error = error.__cause__
+    return False

@@ -1,5 +1,6 @@
 """Export to Hugging Face folders: PyTorch parity, round trips back into ctelm_jax, and refusal of bad input."""
 
+import errno
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ from ctelm_jax.models.build import build_elm
 from ctelm_jax.models.elm import ELM
 from ctelm_jax.models.llama import Llama, LlamaConfig
 from ctelm_jax.train.checkpoint import Checkpointer, CheckpointMismatch, restore_params
-from ctelm_jax.weights import elm_export
+from ctelm_jax.weights import elm_export, hf
 from ctelm_jax.weights.elm_export import export_elm, import_elm, maybe_export
 from ctelm_jax.weights.hf import INDEX_FILE, CheckpointError, decoder_to_hf, lora_to_peft, read_tensors
 from ctelm_jax.weights.tokenizer import Tokenizer
@@ -221,6 +222,24 @@ def test_failure_mid_write_leaves_nothing_behind(tmp_path, elm, tokenizer, monke
     with pytest.raises(OSError, match="disk full"):
         export_elm(elm, tokenizer, old, overwrite=True)
     assert siblings(old) == ["old"] and [p.name for p in old.iterdir()] == ["config.json"]
+
+
+def test_full_disk_stops_the_export_and_keeps_the_previous_one(tmp_path, elm, tokenizer, monkeypatch):
+    out = export_elm(elm, tokenizer, tmp_path / "step_8")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+
+    monkeypatch.setattr(hf, "save_file", full)
+    with pytest.raises(UserError, match=rf"exporting to {out} failed: no space left .*{out} is as it was"):
+        export_elm(elm, tokenizer, out, overwrite=True)
+    assert siblings(out) == ["step_8"] and {p.name: p.read_bytes() for p in out.iterdir()} == before
+    with pytest.raises(UserError, match="no space left"):
+        export_elm(elm, tokenizer, tmp_path / "step_16")
+    assert siblings(tmp_path / "step_16") == ["step_8"]  # no step_16, no temporary folder
 
 
 def test_bad_folders_raise(tmp_path, elm, tokenizer):

@@ -1,6 +1,8 @@
 """The training loop on the tiny config: preemption and exact resume, cross-mesh restore, and the bad-input paths."""
 
+import errno
 import json
+import logging
 import os
 import re
 import signal
@@ -16,6 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx, traverse_util
+from orbax.checkpoint._src.handlers.json_checkpoint_handler import JsonCheckpointHandler
 
 from configs import tiny
 from ctelm_jax.models.adapter import standardisation
@@ -168,3 +171,51 @@ def test_stale_lock_is_taken_over_and_released_after_the_run(tmp_path, caplog):
     assert train(config(), tmp_path)["status"] == "finished"
     assert f"taking over the stale lock {tmp_path / workdir_lock.LOCK_FILE}: pid {gone.pid}" in caplog.text
     assert not (tmp_path / workdir_lock.LOCK_FILE).exists()
+
+
+# What tensorstore raised (a ValueError, not an OSError) when a checkpoint filled a small tmpfs.
+TENSORSTORE_FULL = ('RESOURCE_EXHAUSTED: Error writing "params.w/0.0" in OCDBT database at local file "{}": Failed '
+                    'to write 1758138 bytes to file 14: No space left on device [os_error_code=\'28\']')
+
+
+def fill_disk_at(monkeypatch, step: int, error) -> None:
+    """Makes orbax's writes of checkpoint `step` fail with `error(path)` once they have begun writing its folder."""
+    write = JsonCheckpointHandler._save_fn
+
+    async def full(self, item, directory):
+        if directory.parent.name.startswith(f"{step}."):
+            (directory / "partial").write_text("x")
+            raise error(directory)
+        await write(self, item, directory)
+
+    monkeypatch.setattr(JsonCheckpointHandler, "_save_fn", full)
+
+
+def test_full_disk_stops_the_run_and_keeps_earlier_checkpoints(tmp_path, monkeypatch, caplog):
+    c = config()
+    c.checkpoint.async_save = True  # the failure surfaces at a later save or wait, as on a real run
+    fill_disk_at(monkeypatch, 6, lambda d: OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(d)))
+    with pytest.raises(UserError, match=rf"saving checkpoint step 6 in {tmp_path}/checkpoints failed: no space left "
+                                        r"on its disk .*newest complete: step 4\).*rerun the same command"):
+        train(c, tmp_path)
+    monkeypatch.undo()
+    ckpt = Checkpointer(tmp_path / "checkpoints")
+    assert ckpt.latest_step() == 4 and ckpt.restore_meta(4)[1]["step"] == 4  # not the partial step 6
+    ckpt.close()
+    caplog.set_level(logging.INFO, logger="absl")
+    assert train(c, tmp_path)["step"] == 8
+    assert "checkpoints at step 4 " in caplog.text  # resumed from the newest complete step
+    assert all(p.name.isdigit() for p in (tmp_path / "checkpoints").iterdir())  # the partial step 6 was removed
+
+
+def test_full_disk_reported_by_tensorstore_on_a_synchronous_save(tmp_path, monkeypatch):
+    ckpt = Checkpointer(tmp_path, async_save=False)
+    ckpt.save(1, {"w": np.ones(3, np.float32)}, {}, {"step": 1}, {})
+    fill_disk_at(monkeypatch, 2, lambda d: ValueError(TENSORSTORE_FULL.format(d)))
+    with pytest.raises(UserError, match=r"checkpoint step 2 .*No space left on device.*newest complete: step 1\)"):
+        ckpt.save(2, {"w": np.zeros(3, np.float32)}, {}, {"step": 2}, {})
+    ckpt.close()
+    monkeypatch.undo()
+    ckpt = Checkpointer(tmp_path)
+    assert ckpt.latest_step() == 1 and ckpt.restore_meta(1)[1] == {"step": 1}
+    ckpt.close()

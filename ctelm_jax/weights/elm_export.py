@@ -33,6 +33,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from ctelm_jax import fs
+from ctelm_jax.errors import UserError, is_disk_full
 from ctelm_jax.models.adapter import Adapter, folded_input_layer
 from ctelm_jax.models.elm import ELM
 from ctelm_jax.models.llama import Llama, LlamaConfig
@@ -204,17 +205,23 @@ def export_elm(
     hf = tokenizer.hf
     generation = {"bos_token_id": hf.bos_token_id, "eos_token_id": list(tokenizer.eos_ids),
                   "pad_token_id": tokenizer.pad_id, "do_sample": False}
-    with staged_dir(out, overwrite) as tmp:
-        write_tensors(tensors, tmp, max_shard_bytes)
-        (tmp / CONFIG).write_text(json.dumps(elm_hf_config(model, tokenizer, extra_config), indent=2))
-        (tmp / GENERATION_CONFIG).write_text(json.dumps(generation, indent=2))
-        tokenizer.save(tmp)
-        if lora == "peft":
-            save_file(lora_to_peft(model.decoder), str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
-            (tmp / PEFT_CONFIG).write_text(json.dumps(peft_config(cfg, str(out)), indent=2))
-        for name, src in (extra_files or {}).items():
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            fs.copy_file(src, tmp / name)
+    try:
+        with staged_dir(out, overwrite) as tmp:
+            write_tensors(tensors, tmp, max_shard_bytes)
+            (tmp / CONFIG).write_text(json.dumps(elm_hf_config(model, tokenizer, extra_config), indent=2))
+            (tmp / GENERATION_CONFIG).write_text(json.dumps(generation, indent=2))
+            tokenizer.save(tmp)
+            if lora == "peft":
+                save_file(lora_to_peft(model.decoder), str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
+                (tmp / PEFT_CONFIG).write_text(json.dumps(peft_config(cfg, str(out)), indent=2))
+            for name, src in (extra_files or {}).items():
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                fs.copy_file(src, tmp / name)
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        raise UserError(f"exporting to {out} failed: no space left on a disk it writes to ({e}). {out} is as it was "
+                        "and the partial copy was removed; free space there and export again.") from e
     return out
 
 
