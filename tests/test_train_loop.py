@@ -163,6 +163,15 @@ def test_second_run_on_a_workdir_in_use_is_refused(tmp_path):
         train(config(), tmp_path)
 
 
+def test_lock_of_a_reused_pid_is_stale(tmp_path):
+    workdir = fs.as_path(tmp_path)
+    old = {"host": socket.gethostname(), "pid": os.getpid(), "started": "2020-01-01T00:00:00+00:00"}
+    (tmp_path / workdir_lock.LOCK_FILE).write_text(json.dumps(old))  # this pid, but a process from before this one
+    holder = workdir_lock.acquire(workdir)
+    assert holder.pid == os.getpid() and holder.started != old["started"]
+    assert workdir_lock.read_lock(workdir) == holder
+
+
 def test_stale_lock_is_taken_over_and_released_after_the_run(tmp_path, caplog):
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # its pid now names no process

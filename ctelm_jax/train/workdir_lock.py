@@ -2,9 +2,9 @@
 
 `hold(workdir)` holds it for a run. Process 0 takes it; the other processes of a multi-process run share it and
 learn whether it was taken. A second run refuses with a `UserError` naming the holder. A lock whose pid no longer
-exists on this host is stale (a killed run) and is taken over; a lock from another host cannot be checked from here,
-so it is refused with how to clear it. A pid that a later process reuses keeps a stale lock looking alive: the
-message says how to clear that too.
+exists on this host is stale (a killed run) and is taken over, and so is one whose pid now belongs to a process that
+started after the lock was written (a reused pid: a restarted container's pid 1, say). A lock from another host
+cannot be checked from here, so it is refused with how to clear it.
 
 On a local disk the lock file is created exclusively (O_EXCL: atomic, NFS included). gs:// has no exclusive create
 through epath: the lock is checked, written, then read back (of two runs starting together the later write wins
@@ -19,6 +19,7 @@ import dataclasses
 import datetime
 import json
 import os
+import pathlib
 import socket
 from typing import Iterator
 
@@ -33,6 +34,7 @@ from ctelm_jax.errors import UserError
 
 LOCK_FILE = "lock.json"
 _ATTEMPTS = 3  # create, or take over a stale lock, this many times before giving up (runs racing for it)
+_CLOCK_SLACK_S = 60  # a process that started this much after its pid's lock did is another process (pid reuse)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,15 +55,29 @@ class Holder:
         return f"pid {self.pid} on host {self.host}, started {self.started}"
 
 
-def _pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists on this host."""
+def _process_start(pid: int) -> float | None:
+    """When process `pid` of this host started (seconds since the epoch); None where /proc does not say."""
     try:
-        os.kill(pid, 0)
+        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+        boot = next(int(line.split()[1]) for line in pathlib.Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22, starttime; the fields after "(comm)" start at 3
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _runs(holder: Holder) -> bool:
+    """Whether the lock's process (on this host) still runs: its pid exists and did not start after the lock."""
+    try:
+        os.kill(holder.pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process
-        return True
-    return True
+        pass
+    started = _process_start(holder.pid)
+    locked = datetime.datetime.fromisoformat(holder.started).timestamp()
+    return started is None or started <= locked + _CLOCK_SLACK_S
 
 
 def read_lock(workdir: epath.Path) -> Holder | None:
@@ -108,12 +124,11 @@ def acquire(workdir: epath.Path) -> Holder:
                 f"{workdir} is locked by a run on another host ({held.describe()}), which cannot be checked from "
                 f"{me.host}. If that run is gone (killed, its machine lost), delete {path} and start again; "
                 "otherwise use another --workdir.")
-        if _pid_alive(held.pid):
+        if _runs(held):
             raise UserError(
                 f"{workdir} is in use by another run: {held.describe()} (lock {path}). Wait for it to finish or stop "
                 f"it, or use another --workdir; if pid {held.pid} is not a run on this workdir, delete {path}.")
-        logging.warning("taking over the stale lock %s: %s, and no process %d runs on this host.", path,
-                        held.describe(), held.pid)
+        logging.warning("taking over the stale lock %s: %s, and that process no longer runs.", path, held.describe())
         if read_lock(workdir) == held:
             path.unlink(missing_ok=True)
     raise UserError(f"{workdir}: other runs are starting on it at the same time; could not take {path}.")
