@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
@@ -9,6 +10,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 TRACEBACK_ENV = "CTELM_TRACEBACK"  # set to 1: entry points raise user errors with their full traceback
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 class UserError(ValueError):
@@ -52,3 +55,18 @@ def entry_point(main: Callable[[list[str]], None], prog: str,
             raise SystemExit(130) from None
 
     return run
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error`, or one it was raised from, says a disk is full or a quota used up: an OSError with ENOSPC or
+    EDQUOT, or a library's error quoting one (tensorstore's ValueError, safetensors' SafetensorError: "... No space
+    left on device ...")."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:  # a cause may loop back
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in NO_SPACE:
+            return True
+        if any(os.strerror(code) in str(error) for code in NO_SPACE):
+            return True
+        error = error.__cause__
+    return False

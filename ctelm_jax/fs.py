@@ -50,6 +50,22 @@ def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         shutil.copyfileobj(fin, fout, _COPY_CHUNK)
 
 
+def hidden_sibling(path: pathlib.Path, tag: str) -> pathlib.Path:
+    """A new hidden folder beside local `path`, made by a plain mkdir: the umask's permissions, not mkdtemp's 0700."""
+    folder = path.parent / f".{path.name}.{tag}-{secrets.token_hex(6)}"
+    folder.mkdir()
+    return folder
+
+
+def share_like_folder(folder: pathlib.Path) -> None:
+    """Gives everything under local `folder` the folder's own permissions (files without x bits), so that what a
+    library wrote privately (safetensors: 0600 files) gets what a plain write would (0644 under umask 022)."""
+    mode = folder.stat().st_mode & 0o777
+    for path in folder.rglob("*"):
+        if not path.is_symlink():  # never change a file outside `folder`
+            path.chmod(mode if path.is_dir() else mode & 0o666)
+
+
 def _files(folder: str | os.PathLike) -> list[str]:
     """Paths (relative, '/'-separated) of every file under `folder`, local or remote, sorted."""
     store, root = fsspec.core.url_to_fs(os.fspath(folder))

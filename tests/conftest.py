@@ -20,6 +20,20 @@ def tokenizer() -> Tokenizer:
     return Tokenizer.from_gguf(default_gguf_path())
 
 
+def pickle_trap(path: Path) -> Path:
+    """Writes a pickle at `path` that, if anything ever unpickles it, creates a folder; returns that folder's path."""
+    import pickle
+
+    marker = path.with_name(path.name + ".was-unpickled")
+
+    class Trap:
+        def __reduce__(self):
+            return os.mkdir, (str(marker),)
+
+    path.write_bytes(pickle.dumps(Trap()))
+    return marker
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 nobody listens on now (a coordinator's, an emulator's)."""
     with socket.socket() as s:

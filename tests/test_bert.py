@@ -11,7 +11,9 @@ import torch
 import transformers
 from sentence_transformers import SentenceTransformer
 
+from conftest import pickle_trap
 from ctelm_jax.encoders.bert import SentenceEncoder, load_bert
+from ctelm_jax.errors import UserError
 from ctelm_jax.weights.default import default_encoder_dir
 from ctelm_jax.weights.hf import CheckpointError
 
@@ -136,6 +138,15 @@ def test_missing_weights_are_rejected(tmp_path):
     (path / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="neither model.safetensors"):
         load_bert(path)
+
+
+def test_pickle_only_encoder_is_refused_unread(tmp_path):
+    path = tiny_sentence_dir(tmp_path / "tiny", "mean", True)
+    (path / "model.safetensors").unlink()
+    unpickled = pickle_trap(path / "pytorch_model.bin")
+    with pytest.raises(UserError, match=r"pickles \(pytorch_model\.bin\).*safe_serialization=True"):
+        SentenceEncoder.from_dir(path)
+    assert not unpickled.exists()
 
 
 def test_unsupported_sentence_modules_are_rejected(tmp_path):

@@ -1,5 +1,6 @@
 """Export to Hugging Face folders: PyTorch parity, round trips back into ctelm_jax, and refusal of bad input."""
 
+import errno
 import json
 import os
 import shutil
@@ -13,14 +14,16 @@ from absl import flags
 from flax import nnx, traverse_util
 
 from configs import tiny
+from conftest import pickle_trap
 from ctelm_jax import export
+from ctelm_jax.errors import UserError
 from ctelm_jax.hf import reference
 from ctelm_jax.models.adapter import Adapter, set_standardisation
 from ctelm_jax.models.build import build_elm
 from ctelm_jax.models.elm import ELM
 from ctelm_jax.models.llama import Llama, LlamaConfig
 from ctelm_jax.train.checkpoint import Checkpointer, CheckpointMismatch, restore_params
-from ctelm_jax.weights import elm_export
+from ctelm_jax.weights import elm_export, hf
 from ctelm_jax.weights.elm_export import export_elm, import_elm, maybe_export
 from ctelm_jax.weights.hf import INDEX_FILE, CheckpointError, decoder_to_hf, lora_to_peft, read_tensors
 from ctelm_jax.weights.tokenizer import Tokenizer
@@ -221,6 +224,24 @@ def test_failure_mid_write_leaves_nothing_behind(tmp_path, elm, tokenizer, monke
     assert siblings(old) == ["old"] and [p.name for p in old.iterdir()] == ["config.json"]
 
 
+def test_full_disk_stops_the_export_and_keeps_the_previous_one(tmp_path, elm, tokenizer, monkeypatch):
+    out = export_elm(elm, tokenizer, tmp_path / "step_8")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+
+    monkeypatch.setattr(hf, "save_file", full)
+    with pytest.raises(UserError, match=rf"exporting to {out} failed: no space left .*{out} is as it was"):
+        export_elm(elm, tokenizer, out, overwrite=True)
+    assert siblings(out) == ["step_8"] and {p.name: p.read_bytes() for p in out.iterdir()} == before
+    with pytest.raises(UserError, match="no space left"):
+        export_elm(elm, tokenizer, tmp_path / "step_16")
+    assert siblings(tmp_path / "step_16") == ["step_8"]  # no step_16, no temporary folder
+
+
 def test_bad_folders_raise(tmp_path, elm, tokenizer):
     out = export_elm(elm, tokenizer, tmp_path / "hf", lora="peft", max_shard_bytes=4_000_000)
     broken = tmp_path / "missing_shard"
@@ -251,6 +272,15 @@ def test_bad_folders_raise(tmp_path, elm, tokenizer):
     with pytest.raises(ValueError, match="no LoRA factors"):
         export_elm(no_lora, tokenizer, tmp_path / "x", lora="peft")
     assert not (tmp_path / "x").exists()
+
+
+def test_pickle_only_elm_folder_is_refused_unread(tmp_path, elm, tokenizer):
+    out = export_elm(elm, tokenizer, tmp_path / "hf")
+    (out / "model.safetensors").unlink()
+    unpickled = pickle_trap(out / "model.pt")
+    with pytest.raises(UserError, match=r"pickles \(model\.pt\).*safe_serialization=True"):
+        import_elm(out, tokenizer=tokenizer)
+    assert not unpickled.exists()
 
 
 @pytest.fixture(scope="module")

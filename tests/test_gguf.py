@@ -214,6 +214,19 @@ def test_default_decoder_dir_caches_and_replaces_atomically(tmp_path, monkeypatc
     assert json.loads((first / "config.json").read_text()) == {"n": 2}
 
 
+def test_conversion_cache_gets_ordinary_permissions(tmp_path, monkeypatch):
+    monkeypatch.setenv("CTELM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(default, "convert_gguf", lambda gguf_path, out_dir: default.write_tensors(
+        {"w": np.zeros(2, np.float32)}, out_dir))  # safetensors writes its file 0600
+    folder = default.default_decoder_dir()
+    probe = tmp_path / "probe"
+    probe.mkdir()  # the mode a plain mkdir gives under this umask (0755 under 022)
+    mode = probe.stat().st_mode & 0o777
+    assert folder.stat().st_mode & 0o777 == mode  # not mkdtemp's 0700
+    assert {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()} == {
+        "model.safetensors": mode & 0o666, default.MARKER: mode & 0o666}
+
+
 def test_missing_default_packages_say_how_to_install(monkeypatch):
     assert (default.default_encoder_dir() / "config.json").is_file()
     monkeypatch.setattr(default, "ENCODER_PACKAGE", "ctelm_no_such_package")

@@ -32,6 +32,8 @@ from ctelm_jax.data.corpus import load_records
 from ctelm_jax.data.embeddings import embed_corpus
 from ctelm_jax.data.render import render_text
 from ctelm_jax.eval.suite import EvalSizes, evaluate_run
+from ctelm_jax.errors import UserError
+from ctelm_jax.train import workdir_lock
 from ctelm_jax.train.checkpoint import Checkpointer
 from ctelm_jax.train.loop import train
 from ctelm_jax.trained import load_trained
@@ -228,6 +230,20 @@ def tfrecord_count(data: bytes) -> int:
         at, count = at + 8 + 4 + length + 4, count + 1
     assert at == len(data), "truncated record"
     return count
+
+
+def test_workdir_lock_in_a_bucket(bucket):
+    workdir = fs.as_path(f"{bucket}/locked")
+    with workdir_lock.hold(workdir):
+        holder = workdir_lock.read_lock(workdir)
+        assert holder is not None and holder.pid == os.getpid()
+        with pytest.raises(UserError, match=f"in use by another run: pid {os.getpid()}"):
+            workdir_lock.acquire(workdir)
+    assert workdir_lock.read_lock(workdir) is None
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (workdir / workdir_lock.LOCK_FILE).write_text(json.dumps({**vars(holder), "pid": gone.pid}))
+    assert workdir_lock.acquire(workdir).pid == os.getpid()  # stale: taken over
 
 
 def test_logs_reach_the_bucket_at_every_write(bucket):

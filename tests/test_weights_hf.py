@@ -6,10 +6,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from configs import tiny
+from conftest import pickle_trap
+from ctelm_jax.errors import UserError
+from ctelm_jax.models.build import check_model_sources
 from ctelm_jax.models.llama import Llama, LlamaConfig
 from ctelm_jax.weights.hf import (
-    INDEX_FILE, CheckpointError, decoder_from_hf, decoder_to_hf, load_decoder, read_config, read_tensors,
-    write_tensors,
+    INDEX_FILE, CheckpointError, SafetensorsFolder, decoder_from_hf, decoder_to_hf, load_decoder, read_config,
+    read_tensors, write_tensors,
 )
 
 TINY = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2)
@@ -82,3 +86,19 @@ def test_missing_config_and_weights_raise(tmp_path):
         read_config(tmp_path)
     with pytest.raises(CheckpointError, match="neither model.safetensors"):
         read_tensors(tmp_path)
+
+
+def test_pickle_only_decoder_folder_is_refused_unread(tmp_path):
+    save_checkpoint(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "tokenizer.json").write_text("{}")
+    unpickled = pickle_trap(tmp_path / "pytorch_model.bin")
+    model = tiny.get_config().model
+    model.decoder = model.tokenizer = str(tmp_path)
+    how = r"only as PyTorch pickles \(pytorch_model\.bin\).*save_pretrained\(folder, safe_serialization=True\)"
+    with pytest.raises(UserError, match=how):
+        check_model_sources(model)  # before any work
+    for read in (read_tensors, SafetensorsFolder, load_decoder):
+        with pytest.raises(UserError, match=how):
+            read(tmp_path)
+    assert not unpickled.exists()

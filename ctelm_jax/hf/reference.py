@@ -96,7 +96,7 @@ def load(folder: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Loade
     transformers reads the decoder and reports the `adapter.*` tensors as unexpected keys (they are read here).
     """
     folder = Path(folder)
-    model = LlamaForCausalLM.from_pretrained(str(folder), dtype=dtype)
+    model = LlamaForCausalLM.from_pretrained(str(folder), dtype=dtype, use_safetensors=True)  # never a pickle
     # With peft installed, transformers injects a PEFT adapter stored in the folder itself: fold it into the base
     # layers so the model is a plain LlamaForCausalLM either way; without peft, merge the factors here.
     if getattr(model, "_hf_peft_config_loaded", False):

@@ -20,7 +20,7 @@ from ctelm_jax.models.llama import Constrain, Llama, LlamaConfig, RopeScaling, n
 from ctelm_jax.models.lora import LoRAParam
 from ctelm_jax.parallel.mesh import make_mesh
 from ctelm_jax.parallel.rules import DEFAULT_RULES, Rules, state_shardings
-from ctelm_jax.weights.hf import read_config, read_decoder
+from ctelm_jax.weights.hf import read_config, read_decoder, weight_files
 from ctelm_jax.weights.tokenizer import Tokenizer
 
 # Fields of the config's model section that are not Llama architecture but numerics / LoRA / compile options.
@@ -71,13 +71,14 @@ def decoder_config(model_cfg: Mapping[str, Any]) -> LlamaConfig:
 
 
 def check_model_sources(model_cfg: Mapping[str, Any]) -> None:
-    """Fails fast, before any work, when the decoder or tokenizer folder is unset or missing, or when a pretrained
-    decoder's config.json differs from the shape the config declares in `arch`."""
+    """Fails fast, before any work, when the decoder or tokenizer folder is unset or missing, when the decoder's
+    weights are not safetensors, or when its config.json differs from the shape the config declares in `arch`."""
     load_tokenizer_dir(model_cfg)
     if model_cfg["decoder"] == RANDOM:
         decoder_config(model_cfg)
         return
     folder = decoder_dir(model_cfg)
+    weight_files(folder)
     if model_cfg.get("arch"):
         declared = decoder_config(model_cfg).to_hf_dict()
         found = LlamaConfig.from_hf_dict(read_config(folder)).to_hf_dict()

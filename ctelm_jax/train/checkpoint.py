@@ -1,10 +1,16 @@
 """One orbax CheckpointManager per run: train state, data-iterator state, curriculum position and model identity
-as separate items; async saves; keeps the last K plus the best by validation loss; restores onto any mesh."""
+as separate items; async saves; keeps the last K plus the best by validation loss; restores onto any mesh.
+
+A save that fails for lack of space stops the run with a UserError naming the folder, the step and the newest
+complete one. Orbax writes a step into a temporary folder (on gs://: the step folder, committed by its
+`commit_success.txt`) that no restore takes for a step and the next start removes, so the earlier steps stay as
+they were and a resume starts from the newest of them."""
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import orbax.checkpoint as ocp
@@ -12,7 +18,7 @@ from flax import traverse_util
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from ctelm_jax import fs
-from ctelm_jax.errors import MissingInput
+from ctelm_jax.errors import MissingInput, UserError, is_disk_full
 
 VAL_METRIC = "val_loss"
 
@@ -35,6 +41,7 @@ class Checkpointer:
             preservation_policy=policy, enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "data", "progress", "meta"))
+        self._started: list[int] = []  # the steps this instance began saving
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, if any."""
@@ -44,9 +51,30 @@ class Checkpointer:
              val_loss: float | None = None, force: bool = True) -> None:
         """Starts an (async) save; the step directory appears only once it is complete."""
         metrics = {VAL_METRIC: float(val_loss)} if val_loss is not None else None
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-            progress=ocp.args.JsonSave(progress), meta=ocp.args.JsonSave(meta)), metrics=metrics, force=force)
+        self._started.append(step)
+        with self._stopping_on_full_disk():
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+                progress=ocp.args.JsonSave(progress), meta=ocp.args.JsonSave(meta)), metrics=metrics, force=force)
+
+    @contextlib.contextmanager
+    def _stopping_on_full_disk(self) -> Iterator[None]:
+        """Turns a save that failed for lack of space (here, or an earlier async one surfacing here) into a UserError
+        naming the folder, the unfinished step and the newest complete one."""
+        try:
+            yield
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            self.manager.reload()
+            complete = self.manager.all_steps()
+            failed = [s for s in self._started if s not in complete] or self._started[-1:]
+            newest = f"step {max(complete)}" if complete else "none yet"
+            raise UserError(
+                f"saving checkpoint step {failed[0]} in {self.directory} failed: no space left on its disk ({e}). The "
+                f"earlier checkpoints are intact (newest complete: {newest}) and the unfinished one is never restored "
+                "(the next start removes it). Free space there (or keep fewer: --config.checkpoint.keep) and rerun "
+                "the same command to resume.") from e
 
     def restore_meta(self, step: int) -> tuple[dict, dict, Any]:
         """(meta, progress, data_state) of a checkpoint: the small JSON items."""
@@ -71,12 +99,15 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Blocks until pending async saves are complete."""
-        self.manager.wait_until_finished()
+        with self._stopping_on_full_disk():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        """Waits for saves and releases the manager."""
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for saves and releases the manager (also when a save failed)."""
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:

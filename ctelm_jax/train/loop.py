@@ -25,7 +25,7 @@ from ctelm_jax.models.build import build_elm, decoder_config, load_tokenizer, mo
 from ctelm_jax.parallel.distributed import maybe_initialize_distributed
 from ctelm_jax.parallel.mesh import make_mesh
 from ctelm_jax.parallel.rules import as_rules, batch_sharding, constrainer, state_shardings
-from ctelm_jax.train import inputs
+from ctelm_jax.train import inputs, workdir_lock
 from ctelm_jax.train.checkpoint import Checkpointer
 from ctelm_jax.train.curriculum import Curriculum
 from ctelm_jax.train.metrics import EventWriter, peak_flops_per_device, task_losses, train_flops_per_token
@@ -91,23 +91,27 @@ def _summarise(metrics: dict[str, Any], tasks: list[str]) -> dict[str, float]:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
-    """Runs (or resumes) the curriculum of `config` in `workdir`; returns a summary of the last metrics. SIGTERM or
-    SIGINT ends it at any moment (status 'preempted'), saving first only a finished step that is not yet saved."""
+    """Runs (or resumes) the curriculum of `config` in `workdir`, holding its lock (one run per workdir); returns a
+    summary of the last metrics. SIGTERM or SIGINT ends it at any moment (status 'preempted'), saving first only a
+    finished step that is not yet saved."""
     maybe_initialize_distributed(**config.distributed)  # before anything touches a device (check_config counts them)
     check_config(config)
+    workdir = fs.as_path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
     preemption = Preemption()
     try:
-        return _train(config, fs.as_path(workdir), preemption)
+        with workdir_lock.hold(workdir):
+            return _train(config, workdir, preemption)
     finally:
         preemption.restore()
 
 
 def _train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption: Preemption) -> dict[str, Any]:
+    """`train` in a workdir this run holds."""
     curriculum = Curriculum(config.stages, list(config.data.tasks))
     summary: dict[str, Any] = {"status": "preempted"}
     try:
         with preemption.droppable():
-            workdir.mkdir(parents=True, exist_ok=True)
             if jax.process_index() == 0:
                 (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
             mesh = make_mesh(dict(config.mesh))

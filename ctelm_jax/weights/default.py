@@ -16,11 +16,11 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from transformers import AutoTokenizer
 
+from ctelm_jax import fs
 from ctelm_jax.errors import MissingInput
 from ctelm_jax.weights.gguf import read_gguf
 from ctelm_jax.weights.hf import write_tensors
@@ -104,12 +104,13 @@ def default_decoder_dir() -> Path:
     if _is_current(target, source):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DECODER_CACHE_NAME}.", dir=target.parent))
+    tmp = fs.hidden_sibling(target, "tmp")
     try:
         convert_gguf(gguf_path, tmp)
         (tmp / MARKER).write_text(json.dumps(source))  # written last: marks the folder complete
+        fs.share_like_folder(tmp)
         if target.exists():  # stale conversion: move it aside so os.replace can take its name
-            stale = Path(tempfile.mkdtemp(prefix=f".{DECODER_CACHE_NAME}.stale.", dir=target.parent))
+            stale = fs.hidden_sibling(target, "stale")
             try:
                 os.replace(target, stale / "old")
             except FileNotFoundError:  # another process moved it first

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -34,6 +33,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from ctelm_jax import fs
+from ctelm_jax.errors import UserError, is_disk_full
 from ctelm_jax.models.adapter import Adapter, folded_input_layer
 from ctelm_jax.models.elm import ELM
 from ctelm_jax.models.llama import Llama, LlamaConfig
@@ -148,20 +148,6 @@ def check_target(out_dir: str | os.PathLike, overwrite: bool) -> epath.Path:
     return out
 
 
-def _sibling(out: Path, tag: str) -> Path:
-    """A new hidden folder beside `out` (created with the umask's permissions, unlike mkdtemp's 0700)."""
-    path = out.parent / f".{out.name}.{tag}-{secrets.token_hex(6)}"
-    path.mkdir()
-    return path
-
-
-def _share_like_folder(folder: Path) -> None:
-    """Gives every file under `folder` the folder's read/write bits (safetensors writes its files 0600)."""
-    mode = folder.stat().st_mode & 0o777
-    for path in folder.rglob("*"):
-        path.chmod(mode if path.is_dir() else mode & 0o666)
-
-
 @contextlib.contextmanager
 def staged_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yields a local temporary folder to fill; on success it replaces `out_dir`, on failure it is removed.
@@ -178,14 +164,14 @@ def staged_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[
         return
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _sibling(out, "tmp")
+    tmp = fs.hidden_sibling(out, "tmp")
     try:
         yield tmp
-        _share_like_folder(tmp)
+        fs.share_like_folder(tmp)
         if out.is_dir() and not any(out.iterdir()):
             out.rmdir()
         if out.exists() or out.is_symlink():
-            old = _sibling(out, "old")
+            old = fs.hidden_sibling(out, "old")
             os.replace(out, old / out.name)
             try:
                 os.replace(tmp, out)
@@ -219,17 +205,23 @@ def export_elm(
     hf = tokenizer.hf
     generation = {"bos_token_id": hf.bos_token_id, "eos_token_id": list(tokenizer.eos_ids),
                   "pad_token_id": tokenizer.pad_id, "do_sample": False}
-    with staged_dir(out, overwrite) as tmp:
-        write_tensors(tensors, tmp, max_shard_bytes)
-        (tmp / CONFIG).write_text(json.dumps(elm_hf_config(model, tokenizer, extra_config), indent=2))
-        (tmp / GENERATION_CONFIG).write_text(json.dumps(generation, indent=2))
-        tokenizer.save(tmp)
-        if lora == "peft":
-            save_file(lora_to_peft(model.decoder), str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
-            (tmp / PEFT_CONFIG).write_text(json.dumps(peft_config(cfg, str(out)), indent=2))
-        for name, src in (extra_files or {}).items():
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            fs.copy_file(src, tmp / name)
+    try:
+        with staged_dir(out, overwrite) as tmp:
+            write_tensors(tensors, tmp, max_shard_bytes)
+            (tmp / CONFIG).write_text(json.dumps(elm_hf_config(model, tokenizer, extra_config), indent=2))
+            (tmp / GENERATION_CONFIG).write_text(json.dumps(generation, indent=2))
+            tokenizer.save(tmp)
+            if lora == "peft":
+                save_file(lora_to_peft(model.decoder), str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
+                (tmp / PEFT_CONFIG).write_text(json.dumps(peft_config(cfg, str(out)), indent=2))
+            for name, src in (extra_files or {}).items():
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                fs.copy_file(src, tmp / name)
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        raise UserError(f"exporting to {out} failed: no space left on a disk it writes to ({e}). {out} is as it was "
+                        "and the partial copy was removed; free space there and export again.") from e
     return out
 
 

@@ -1,6 +1,8 @@
 """Hugging Face Llama checkpoints <-> ctelm_jax decoder parameters, both ways.
 
 A checkpoint folder is `config.json` plus `model.safetensors` or shards listed in `model.safetensors.index.json`.
+Weights are read from safetensors only: a folder holding only PyTorch pickles is refused (`weight_files`), never
+unpickled, since loading a pickle can run any code it carries.
 Tensors travel as a flat dict {HF name: numpy array (PyTorch layout)}; `decoder_from_hf` / `decoder_to_hf`
 translate that dict to and from a `Llama` module (one rename and, for kernels, one transpose). At scale,
 `read_decoder` reads a folder straight into sharded arrays instead: each process reads only the slices of each tensor
@@ -22,12 +24,14 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
+from ctelm_jax.errors import UserError
 from ctelm_jax.models.llama import Llama, LlamaConfig
 from ctelm_jax.models.lora import LoRAParam
 
 Tensors = dict[str, np.ndarray]
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")  # torch.save / pickle files, never loaded
 
 
 class CheckpointError(ValueError):
@@ -45,8 +49,21 @@ def read_config(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not valid JSON ({e}).") from e
 
 
-def _weight_files(ckpt_dir: Path) -> list[Path]:
-    """The safetensors files of a checkpoint folder (one file, or the shards its index lists), checked to exist."""
+def _refuse_pickles(ckpt_dir: Path) -> None:
+    """Refuses a folder without safetensors that holds PyTorch pickles: a UserError saying how to convert it."""
+    pickles = sorted(p.name for p in ckpt_dir.iterdir() if p.suffix in PICKLE_SUFFIXES) if ckpt_dir.is_dir() else []
+    if pickles:
+        raise UserError(
+            f"{ckpt_dir} holds its weights only as PyTorch pickles ({', '.join(pickles[:3])}); ctelm_jax reads "
+            "safetensors and GGUF only and never unpickles a file (loading one can run any code it carries). If you "
+            "trust the folder, convert it once with transformers: `AutoModel.from_pretrained(folder)"
+            ".save_pretrained(folder, safe_serialization=True)` (AutoModelForCausalLM for a decoder), then use it.")
+
+
+def weight_files(ckpt_dir: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a checkpoint folder (one file, or the shards its index lists), checked to exist; a
+    folder of pickles only is refused with a UserError saying how to convert it."""
+    ckpt_dir = Path(ckpt_dir)
     index = ckpt_dir / INDEX_FILE
     if index.is_file():
         try:
@@ -57,6 +74,7 @@ def _weight_files(ckpt_dir: Path) -> list[Path]:
     elif (ckpt_dir / SINGLE_FILE).is_file():
         names = [SINGLE_FILE]
     else:
+        _refuse_pickles(ckpt_dir)
         raise CheckpointError(f"{ckpt_dir}: neither {SINGLE_FILE} nor {INDEX_FILE}; is this a Hugging Face checkpoint?")
     missing = [n for n in names if not (ckpt_dir / n).is_file()]
     if missing:
@@ -68,7 +86,7 @@ def _weight_files(ckpt_dir: Path) -> list[Path]:
 def read_tensors(ckpt_dir: str | os.PathLike) -> Tensors:
     """Reads every tensor of a safetensors checkpoint folder (single file or sharded with an index)."""
     tensors: Tensors = {}
-    for shard in _weight_files(Path(ckpt_dir)):
+    for shard in weight_files(ckpt_dir):
         try:
             tensors.update(load_file(str(shard)))
         except (SafetensorError, OSError) as e:
@@ -83,7 +101,7 @@ class SafetensorsFolder:
     def __init__(self, ckpt_dir: str | os.PathLike):
         self.files: dict[str, Path] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
-        for shard in _weight_files(Path(ckpt_dir)):
+        for shard in weight_files(ckpt_dir):
             try:
                 with safe_open(str(shard), framework="numpy") as f:
                     for name in f.keys():
