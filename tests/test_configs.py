@@ -112,9 +112,10 @@ def test_folder_flags_are_named_in_one_line(name, tmp_path):
         "ctelm_jax.train: error: model.decoder is not set: pass --config.model.decoder=PATH, a Hugging Face Llama "
         "folder (config.json + safetensors + tokenizer)."]
 
-    decoder = tmp_path / "decoder"  # the declared shape's config.json is all the start-up check reads
+    decoder = tmp_path / "decoder"  # the start-up check reads config.json and sees that the weights file is there
     decoder.mkdir()
     (decoder / "config.json").write_text(json.dumps(decoder_config(shipped(name).model).to_hf_dict()))
+    (decoder / "model.safetensors").touch()
     out = run_train(config, f"--workdir={workdir}", f"--config.model.decoder={decoder}",
                     f"--config.data.encoder={tmp_path / 'missing'}")
     assert out.returncode != 0

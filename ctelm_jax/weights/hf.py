@@ -34,8 +34,9 @@ SINGLE_FILE = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")  # torch.save / pickle files, never loaded
 
 
-class CheckpointError(ValueError):
-    """A checkpoint is missing, malformed, or does not fit the model it is loaded into."""
+class CheckpointError(UserError):
+    """A checkpoint is missing, malformed, or does not fit the model it is loaded into (entry points print it as one
+    line)."""
 
 
 def read_config(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
