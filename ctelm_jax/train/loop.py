@@ -142,12 +142,19 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption: P
     step, unsaved = 0, False
     try:
         with preemption.droppable():
-            stage_index, data_state = 0, None
-            latest = ckpt.latest_step()
+            stage_index, data_state, restored = 0, None, None
+
+            def read(at: int) -> tuple[int, int, Any, dict]:
+                ckpt.check_meta(at, signature)
+                _, progress, saved_data = ckpt.restore_meta(at)
+                index = int(progress["stage"])
+                built = stage_step(graphdef, params, param_shardings, curriculum.stages[index], len(tasks), mesh)
+                return (int(progress["step"]), index, saved_data,
+                        ckpt.restore_state(at, _as_dict(built.abstract_state(params))))
+
+            latest, resumed = ckpt.resume(read)
             if latest is not None:
-                ckpt.check_meta(latest, signature)
-                _, progress, data_state = ckpt.restore_meta(latest)
-                step, stage_index = int(progress["step"]), int(progress["stage"])
+                step, stage_index, data_state, restored = resumed
                 logging.info("resuming from %s at step %d (stage %s)", ckpt.directory, step, stage_index)
         for index in range(stage_index, len(curriculum.stages)):
             stage = curriculum.stages[index]
@@ -156,8 +163,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption: P
             with preemption.droppable():
                 built = stage_step(graphdef, params, param_shardings, stage, len(tasks), mesh)
                 if resuming:
-                    restored = ckpt.restore_state(latest, _as_dict(built.abstract_state(params)))
-                    ts = TrainState(**restored)
+                    ts, restored = TrainState(**restored), None  # no second reference to the old state
                     params = ts.params
                 else:
                     opt_state = jax.jit(built.tx.init, out_shardings=built.opt_shardings)(params)
