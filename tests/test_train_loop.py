@@ -164,7 +164,7 @@ def test_sigterm_during_startup_stops_without_writing_a_checkpoint(tmp_path, mon
     assert signal.getsignal(signal.SIGTERM) is before  # the run's handler is gone again
 
 
-def test_sigint_during_validation_saves_only_the_finished_step(tmp_path, monkeypatch):
+def test_sigint_during_validation_saves_and_logs_only_the_finished_step(tmp_path, monkeypatch):
     from ctelm_jax.train import loop
 
     c = config()
@@ -180,7 +180,9 @@ def test_sigint_during_validation_saves_only_the_finished_step(tmp_path, monkeyp
     ckpt = Checkpointer(tmp_path / "checkpoints")
     assert ckpt.manager.all_steps() == [4]  # the finished step the validation was for, saved without its val loss
     ckpt.close()
-    assert sorted(losses(tmp_path)) == [1, 2, 3]  # step 4's row was to carry the val loss: not written
+    rows = [json.loads(line) for line in (tmp_path / "tb" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]  # a resume starts after step 4: its row must be there already
+    assert not any(k.startswith("val/") for k in rows[-1])  # written without the validation the signal cut short
 
 
 def test_sigterm_while_waiting_for_data_ends_the_program_within_seconds(tmp_path):

@@ -139,7 +139,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption: P
     replicated = NamedSharding(mesh, PartitionSpec())
     peak = peak_flops_per_device(dcfg.dtype) * jax.device_count()
     eval_step = jax.jit(make_eval_step(graphdef, len(tasks)), in_shardings=(param_shardings, None))
-    step, unsaved = 0, False
+    step, unsaved, unlogged = 0, False, None  # unlogged: the finished step's row, until it is written
     try:
         with preemption.droppable():
             stage_index, data_state, restored = 0, None, None
@@ -202,14 +202,16 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption: P
                 scalars.update({"lr": float(stage.schedule()(step - start - 1)), "step_time_s": dt,
                                 "tokens_per_s": global_batch * seq_len / dt, "mfu": flops_per_step / dt / peak,
                                 "target_tokens": float(metrics["target_tokens"])})
+                unlogged = scalars if step % config.log_every == 0 or step == end else None
                 val_loss = None
                 if config.eval.every_steps and (step % config.eval.every_steps == 0 or step == end):
                     with preemption.droppable():
                         val_loss = evaluate(eval_step, ts.params, config, data["validation"], tokenizer, stage, mesh,
                                             rules, tasks)
                     scalars.update({f"val/{k}": v for k, v in val_loss.items()})
-                if step % config.log_every == 0 or step == end:
-                    writer.write(step, scalars)
+                if unlogged is not None:
+                    writer.write(step, unlogged)
+                    unlogged = None
                 bar.set_postfix(loss=f"{scalars['loss']:.3f}", tok_s=f"{scalars['tokens_per_s']:.0f}",
                                 mfu=f"{scalars['mfu']:.1%}")
                 bar.update(1)
@@ -226,6 +228,8 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption: P
             data_state = None
     except Interrupted:
         if unsaved:  # the signal landed after a finished step (while waiting for data or validating)
+            if unlogged is not None:  # its row, without the validation the signal cut short
+                writer.write(step, unlogged)
             ckpt.save(step, _as_dict(ts), data_state, {"stage": index, "step": step}, signature)
         ckpt.wait()
         logging.warning("stopped by a signal at step %d; %s", step,
