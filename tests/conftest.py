@@ -1,8 +1,12 @@
 """Test-wide settings: 8 fake CPU devices so sharding tests see a mesh, and shared tiny fixtures."""
 
+import json
 import os
+import signal
 import socket
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -70,3 +74,26 @@ def write_step0_run(workdir: Path, step: int = 3) -> Path:
     ckpt.save(step, {"step": np.int32(step), "params": nnx.to_pure_dict(nnx.state(model))}, {}, {"step": step}, {})
     ckpt.close()
     return workdir
+
+
+def metric_rows(workdir) -> list[dict]:
+    """The rows of a run's `tb/metrics.jsonl` (local or gs:// workdir)."""
+    from ctelm_jax import fs
+
+    return [json.loads(line) for line in (fs.as_path(workdir) / "tb" / "metrics.jsonl").read_text().splitlines()]
+
+
+def sigterm_once_logged(workdir, step: int) -> threading.Thread:
+    """Sends this process SIGTERM once the run's (local or gs://) metrics.jsonl holds `step` rows."""
+    from ctelm_jax import fs
+
+    path = fs.as_path(workdir) / "tb" / "metrics.jsonl"
+
+    def watch():
+        while not (path.exists() and len(path.read_text().splitlines()) >= step):
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread

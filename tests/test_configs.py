@@ -15,6 +15,7 @@ import pytest
 from ctelm_jax.models.build import decoder_config
 from ctelm_jax.parallel.mesh import MESH_AXES
 from ctelm_jax.train.loop import train
+from conftest import metric_rows
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted(p.stem for p in (REPO / "configs").glob("*.py") if p.stem not in ("__init__", "base"))
@@ -86,7 +87,7 @@ def test_every_shipped_config_trains_every_stage(name, tmp_path):
     summary = train(config, tmp_path)
     total = STEPS_PER_STAGE * len(config.stages)
     assert summary["status"] == "finished" and summary["step"] == total
-    rows = [json.loads(line) for line in (tmp_path / "tb" / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(tmp_path)
     assert [r["step"] for r in rows] == list(range(1, total + 1))
     assert all(np.isfinite(r["loss"]) and r["target_tokens"] > 0 for r in rows)
     # Each stage ran validation on its own tasks at its last step.

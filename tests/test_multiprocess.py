@@ -1,7 +1,6 @@
 """Two processes of 4 CPU devices train the tiny config like one process of 8 devices, and the checkpoint they write
 restores in a single process."""
 
-import json
 import os
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from flax import nnx, traverse_util
 from ctelm_jax.models.build import build_elm, load_tokenizer
 from ctelm_jax.train import inputs
 from ctelm_jax.trained import load_run_config, load_trained
-from conftest import free_port, wait_all
+from conftest import free_port, metric_rows, wait_all
 
 REPO = Path(__file__).resolve().parents[1]
 MESH_FLAGS = ("--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2")
@@ -39,7 +38,7 @@ def finish(procs: list[subprocess.Popen], logs: list[Path]) -> None:
 
 
 def metrics(workdir: Path) -> dict[int, dict[str, float]]:
-    rows = [json.loads(line) for line in (workdir / "tb" / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(workdir)
     return {r["step"]: r for r in rows}
 
 

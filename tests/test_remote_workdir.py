@@ -9,13 +9,11 @@ It does not show GCS's latency, its behaviour with several hosts writing at once
 import hashlib
 import json
 import os
-import signal
 import socket
 import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import types
 from pathlib import Path
@@ -39,7 +37,7 @@ from ctelm_jax.train.loop import train
 from ctelm_jax.trained import load_trained
 from ctelm_jax.weights.elm_export import adapter_to_hf, import_elm
 from ctelm_jax.weights.hf import decoder_to_hf
-from conftest import free_port
+from conftest import free_port, metric_rows, sigterm_once_logged
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "ctelm-test"
@@ -109,25 +107,6 @@ def prepare(workdir) -> None:
                  render_text, chunk_size=50, show_progress=False)
 
 
-def logged(workdir) -> list[dict]:
-    """The rows of a run's metrics.jsonl."""
-    return [json.loads(line) for line in (fs.as_path(workdir) / "tb" / "metrics.jsonl").read_text().splitlines()]
-
-
-def sigterm_once_logged(workdir, step: int) -> threading.Thread:
-    """Sends this process SIGTERM once the run's (remote) metrics.jsonl holds `step` rows."""
-    path = fs.as_path(workdir) / "tb" / "metrics.jsonl"
-
-    def watch():
-        while not (path.exists() and len(path.read_text().splitlines()) >= step):
-            time.sleep(0.02)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
-
-
 def flat_params(trained) -> dict:
     state = nnx.to_pure_dict(nnx.state(trained.model))
     return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(state).items()}
@@ -159,12 +138,12 @@ def test_remote_run_resumes_exports_and_evaluates(bucket, tmp_path):
     saved = ckpt.latest_step()
     ckpt.close()
     assert 3 <= saved < STEPS  # saved where the signal landed, mid-run, in the bucket
-    assert [r["step"] for r in logged(remote)] == list(range(1, saved + 1))
+    assert [r["step"] for r in metric_rows(remote)] == list(range(1, saved + 1))
     assert train(config(), remote)["status"] == "finished"
 
     # The resumed remote run equals the uninterrupted local one: the log (appended across both processes' runs
     # through the upload-on-write mirror) and the final parameters, bit for bit (same arithmetic on the same data).
-    rows, local_rows = logged(remote), logged(local)
+    rows, local_rows = metric_rows(remote), metric_rows(local)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     for r, ref in zip(rows, local_rows):
         assert (r["loss"], r["grad_norm"]) == (ref["loss"], ref["grad_norm"]), r["step"]

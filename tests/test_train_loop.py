@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from ctelm_jax.train.checkpoint import Checkpointer, CheckpointMismatch
 from ctelm_jax.train import inputs, workdir_lock
 from ctelm_jax.train.loop import NonFiniteLoss, train
 from ctelm_jax.trained import load_trained
+from conftest import metric_rows, sigterm_once_logged
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,22 +42,7 @@ def config(**mesh):
 
 
 def losses(workdir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (workdir / "tb" / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows}
-
-
-def sigterm_after(workdir: Path, step: int) -> threading.Thread:
-    """Sends this process SIGTERM once the run has logged `step` (the loop saves and returns)."""
-
-    def watch():
-        path = workdir / "tb" / "metrics.jsonl"
-        while not (path.exists() and len(path.read_text().splitlines()) >= step):
-            time.sleep(0.01)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
+    return {r["step"]: r["loss"] for r in metric_rows(workdir)}
 
 
 def test_sigterm_then_resume_equals_uninterrupted(tmp_path):
@@ -72,7 +57,7 @@ def test_sigterm_then_resume_equals_uninterrupted(tmp_path):
     np.testing.assert_allclose(np.asarray(trained.model.adapter.input_scale[...]), scale, rtol=1e-6)
 
     cut = tmp_path / "cut"
-    sigterm_after(cut, 3).join(0)
+    sigterm_once_logged(cut, 3).join(0)
     first = train(config(), cut)
     assert first["status"] == "preempted"
     saved = Checkpointer(cut / "checkpoints").latest_step()
@@ -180,7 +165,7 @@ def test_sigint_during_validation_saves_and_logs_only_the_finished_step(tmp_path
     ckpt = Checkpointer(tmp_path / "checkpoints")
     assert ckpt.manager.all_steps() == [4]  # the finished step the validation was for, saved without its val loss
     ckpt.close()
-    rows = [json.loads(line) for line in (tmp_path / "tb" / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(tmp_path)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]  # a resume starts after step 4: its row must be there already
     assert not any(k.startswith("val/") for k in rows[-1])  # written without the validation the signal cut short
 
