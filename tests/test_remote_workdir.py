@@ -226,7 +226,7 @@ def test_workdir_lock_in_a_bucket(bucket):
 
 
 def test_logs_reach_the_bucket_at_every_write(bucket):
-    from ctelm_jax.train.metrics import EventWriter
+    from ctelm_jax.train.metrics import EventWriter, event_scalars
 
     logdir = fs.as_path(bucket) / "logs"
     writer = EventWriter(logdir)
@@ -237,11 +237,19 @@ def test_logs_reach_the_bucket_at_every_write(bucket):
         (events,) = [p for p in logdir.iterdir() if p.name.startswith("events.out.tfevents")]
         assert tfrecord_count(events.read_bytes()) == 1 + 2 * step  # the file-version record, then one per scalar
     writer.close()
-    again = EventWriter(logdir)  # a resumed run appends to the same log
+    again = EventWriter(logdir, resume_step=3)  # a run resumed at step 3 appends to the same log
     again.write(4, {"loss": 0.2})
     again.close()
     assert [json.loads(line)["step"] for line in (logdir / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
     assert sorted(p.name.startswith("events") for p in logdir.iterdir()) == [False, True, True]  # no tail objects
+    third = EventWriter(logdir, resume_step=2)  # killed before step 4 was saved: its rows go, in the bucket too
+    third.write(3, {"loss": 0.3})
+    third.close()
+    assert [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines()][2:] == [
+        {"step": 3, "loss": 0.3}]
+    scalars = sorted(s for p in logdir.iterdir() if p.name.startswith("events")
+                     for s in event_scalars(p.read_bytes()) if s[1] == "loss")
+    assert [(step, value) for step, _, value in scalars] == [(1, 1.0), (2, 0.5), (3, np.float32(0.3))]
 
 
 def test_publish_dir_replaces_a_remote_folder_or_leaves_it(bucket, tmp_path, monkeypatch):

@@ -133,7 +133,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption: P
 
     ckpt = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep, keep_best=config.checkpoint.keep_best,
                         async_save=config.checkpoint.async_save)
-    writer = EventWriter(workdir / "tb")
+    writer = None  # opened once the resumed step is known: it drops the rows logged after that step
     dcfg = decoder_config(config.model)
     seq_len, global_batch = int(config.data.seq_len), int(config.data.global_batch_size)
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -156,6 +156,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption: P
             if latest is not None:
                 step, stage_index, data_state, restored = resumed
                 logging.info("resuming from %s at step %d (stage %s)", ckpt.directory, step, stage_index)
+            writer = EventWriter(workdir / "tb", resume_step=step)
         for index in range(stage_index, len(curriculum.stages)):
             stage = curriculum.stages[index]
             start, end = curriculum.bounds(index)
@@ -216,11 +217,12 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption: P
                                 mfu=f"{scalars['mfu']:.1%}")
                 bar.update(1)
                 summary["last"] = scalars
+                # Export before saving: a run killed mid-export resumes before this step and exports it again.
+                maybe_export(config, workdir, step, graphdef, ts.params, tokenizer)
                 if step % config.checkpoint.every_steps == 0 or step == end or preemption.requested:
                     ckpt.save(step, _as_dict(ts), data_state, {"stage": index, "step": step}, signature,
                               val_loss=None if val_loss is None else val_loss["loss"])
                     unsaved = False
-                maybe_export(config, workdir, step, graphdef, ts.params, tokenizer)
                 if preemption.requested:
                     raise Interrupted("stop requested")
             bar.close()
@@ -238,7 +240,8 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption: P
         return summary
     finally:
         ckpt.close()
-        writer.close()
+        if writer is not None:
+            writer.close()
     summary.update(status="finished", step=step)
     if jax.process_index() == 0:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2))

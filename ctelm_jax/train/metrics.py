@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import struct
 import time
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -66,19 +67,85 @@ def task_losses(metrics: Mapping[str, np.ndarray], tasks: Sequence[str]) -> dict
     return {t: float(sums[i] / counts[i]) for i, t in enumerate(tasks) if counts[i] > 0}
 
 
+def tfrecords(data: bytes) -> Iterator[bytes]:
+    """The whole records of a TFRecord (event) file, each frame as stored (8-byte length, its CRC, data, the data's
+    CRC); a torn last frame, as a kill mid-write leaves it, is left out."""
+    at = 0
+    while at + 12 <= len(data):
+        (length,) = struct.unpack("<Q", data[at:at + 8])
+        end = at + 12 + length + 4
+        if end > len(data):
+            return
+        yield data[at:end]
+        at = end
+
+
+def event_scalars(data: bytes) -> list[tuple[int, str, float]]:
+    """(step, tag, value) of every scalar in an event file's bytes."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    out = []
+    for frame in tfrecords(data):
+        event = Event.FromString(frame[12:-4])
+        out.extend((event.step, v.tag, v.simple_value) for v in event.summary.value)
+    return out
+
+
+def _event_step(frame: bytes) -> int:
+    from tensorboardX.proto.event_pb2 import Event
+
+    return Event.FromString(frame[12:-4]).step
+
+
+def _jsonl_step(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None  # a torn last line
+
+
+def _rewrite(path: os.PathLike, data: bytes) -> None:
+    """Replaces a local file's bytes in one rename."""
+    tmp = f"{os.fspath(path)}.tmp-{secrets.token_hex(4)}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
 class EventWriter:
     """Scalars to a TensorBoard event file (process 0 only) and to a JSONL log beside them, in a local or remote
     (gs://) folder. Both are written synchronously and flushed at every `write`; a remote folder is written locally
-    and uploaded then (`fs.MirroredDir`), so a killed run loses at most the scalars of the `write` in progress."""
+    and uploaded then (`fs.MirroredDir`), so a killed run loses at most the scalars of the `write` in progress.
 
-    def __init__(self, logdir: str | os.PathLike):
+    A run that (re)starts at step `resume_step` (0: from scratch) first drops the rows of later steps (and torn records) from the logs
+    already there: they were logged by a run killed before it saved them, and the resumed run logs those steps again,
+    so the logs hold one row per step whatever was killed when."""
+
+    def __init__(self, logdir: str | os.PathLike, resume_step: int | None = None):
         self.enabled = jax.process_index() == 0
         if self.enabled:
             from tensorboardX.event_file_writer import EventsWriter
             self._dir = fs.MirroredDir(logdir)
+            if resume_step is not None:
+                self._drop_rows_after(resume_step)
             # The suffix keeps a resumed run within the same second from reusing (truncating) the last file's name.
             self._events = EventsWriter(str(self._dir.local / "events"), filename_suffix=f".{secrets.token_hex(4)}")
             self._jsonl = open(self._dir.local / "metrics.jsonl", "a")
+
+    def _drop_rows_after(self, step: int) -> None:
+        """Rewrites the logs without rows of steps after `step` or torn ones; files that hold none stay as they are."""
+        for path in sorted(self._dir.local.iterdir()):
+            if path.name == "metrics.jsonl":
+                lines = path.read_text().splitlines(keepends=True)
+                kept = [ln for ln in lines if ln.endswith("\n") and (s := _jsonl_step(ln)) is not None and s <= step]
+                if kept != lines:
+                    _rewrite(path, "".join(kept).encode())
+            elif path.name.startswith("events.out.tfevents."):
+                data = path.read_bytes()
+                kept = b"".join(f for f in tfrecords(data) if _event_step(f) <= step)
+                if kept != data:
+                    _rewrite(path, kept)
+        self._dir.sync()
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         """Logs scalars at a step."""

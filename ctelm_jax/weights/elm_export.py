@@ -164,6 +164,8 @@ def staged_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[
         return
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.parent.glob(f".{out.name}.tmp-*"), *out.parent.glob(f".{out.name}.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)  # left by an export of this folder that was killed
     tmp = fs.hidden_sibling(out, "tmp")
     try:
         yield tmp
