@@ -27,6 +27,7 @@ def base_config() -> ml_collections.ConfigDict:
         encoder="default",          # 'default' (embedded all-MiniLM-L6-v2) or a BERT-family folder
         max_records=0,              # 0 = all
         tasks=TASKS, seq_len=256, global_batch_size=4, max_embeddings_per_row=4, seed=0,
+        prefetch=2,                 # training batches built ahead in a background thread while steps run; 0 = off
     ))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.rules = [list(r) for r in DEFAULT_RULES]

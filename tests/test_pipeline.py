@@ -2,6 +2,7 @@
 
 import collections
 import json
+import time
 
 import numpy as np
 import pytest
@@ -70,13 +71,15 @@ def test_deterministic_and_seed_dependent(records, embeddings, tokenizer):
     assert not _same(a, _take(_make(records, embeddings, tokenizer, seed=1), 3))
 
 
-def test_restore_mid_epoch_continues_exactly(records, embeddings, tokenizer):
+@pytest.mark.parametrize("prefetch", [0, 3])
+def test_restore_mid_epoch_continues_exactly(records, embeddings, tokenizer, prefetch):
     reference = _take(_make(records, embeddings, tokenizer), 7)
-    it = _make(records, embeddings, tokenizer)
-    _take(it, 4)
-    state = json.loads(json.dumps(it.get_state()))  # checkpointable as JSON
+    it = _make(records, embeddings, tokenizer, prefetch=prefetch)
+    assert _same(_take(it, 4), reference[:4])  # batches built ahead in a thread come in the same order
+    time.sleep(0.2)  # the thread fills its buffer past the 4 handed out
+    state = json.loads(json.dumps(it.get_state()))  # checkpointable as JSON: the position of what was handed out
     _take(it, 2)  # the run goes on past the checkpoint, then is lost
-    resumed = _make(records, embeddings, tokenizer)
+    resumed = _make(records, embeddings, tokenizer, prefetch=prefetch)
     resumed.set_state(state)
     assert _same(_take(resumed, 3), reference[4:])
 

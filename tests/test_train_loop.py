@@ -124,6 +124,31 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert not (tmp_path / workdir_lock.LOCK_FILE).exists()  # released on the exception too
 
 
+def test_metrics_are_read_a_step_late_and_a_late_nan_saves_nothing(tmp_path, monkeypatch):
+    from ctelm_jax.train import loop
+
+    c = config()
+    c.eval.every_steps = 0
+    c.checkpoint.every_steps = 4  # the stage ends (steps 4, 8) are the only steps whose metrics are read at once
+    events = []
+    place, get = loop._place_batch, jax.device_get
+    monkeypatch.setattr(loop, "_place_batch", lambda *a: (events.append("dispatch"), place(*a))[1])
+    monkeypatch.setattr(jax, "device_get", lambda x: (
+        events.append("read") if isinstance(x, dict) and "grad_norm" in x else None, get(x))[1])
+    assert train(c, tmp_path / "ok")["status"] == "finished"
+    stage = ["dispatch", "dispatch", "read", "dispatch", "read", "dispatch", "read", "read"]
+    assert events == stage + stage  # step n's metrics are read while step n + 1 runs
+    assert [r["step"] for r in metric_rows(tmp_path / "ok")] == list(range(1, 9))
+
+    c.stages[0]["learning_rate"] = 1e38
+    with pytest.raises(NonFiniteLoss) as error:
+        train(c, tmp_path / "nan")
+    bad, running = map(int, re.search(r"at step (\d+) .*found while step (\d+) ran", str(error.value)).groups())
+    assert running == bad + 1 and bad < 4
+    assert Checkpointer(tmp_path / "nan" / "checkpoints").latest_step() is None  # nothing from or after it saved
+    assert all(r["step"] < bad for r in metric_rows(tmp_path / "nan"))
+
+
 def test_impossible_mesh_and_unknown_config_key():
     with pytest.raises(ValueError, match="needs 6 devices but 8 are present"):
         resolve_mesh_shape({"data": 2, "fsdp": 3}, 8)

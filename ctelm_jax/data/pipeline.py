@@ -12,6 +12,9 @@ Everything is a function of (seed, example index), so a run is reproducible, and
 from __future__ import annotations
 
 import collections
+import copy
+import queue
+import threading
 from typing import Mapping, Sequence
 
 import grain
@@ -129,10 +132,70 @@ def make_dataset(records: Sequence[Mapping], embeddings: np.ndarray, tokenizer: 
 def make_pipeline(records: Sequence[Mapping], embeddings: np.ndarray, tokenizer: Tokenizer,
                   tasks_weights: Mapping[str, float], seq_len: int, batch_size: int, seed: int,
                   max_embeddings_per_row: int, *, embedding_dim: int | None = None, process_index: int | None = None,
-                  process_count: int | None = None, read_threads: int = 0) -> grain.DatasetIterator:
+                  process_count: int | None = None, read_threads: int = 0, prefetch: int = 0) -> grain.DatasetIterator:
     """An iterator of this host's batches (dicts of `BATCH_KEYS` numpy arrays with fixed shapes, `batch_spec`);
-    `get_state()` / `set_state()` save and restore its position (JSON-serializable)."""
-    return iter(make_dataset(records, embeddings, tokenizer, tasks_weights, seq_len, batch_size, seed,
-                             max_embeddings_per_row, embedding_dim=embedding_dim, process_index=process_index,
-                             process_count=process_count, read_threads=read_threads))
+    `get_state()` / `set_state()` save and restore its position (JSON-serializable). With `prefetch`, a background
+    thread keeps that many batches ready (`Prefetched`)."""
+    batches = iter(make_dataset(records, embeddings, tokenizer, tasks_weights, seq_len, batch_size, seed,
+                                max_embeddings_per_row, embedding_dim=embedding_dim, process_index=process_index,
+                                process_count=process_count, read_threads=read_threads))
+    return Prefetched(batches, prefetch) if prefetch else batches
+
+
+class Prefetched:
+    """A checkpointable iterator that builds up to `size` elements of `parent` ahead in a daemon thread, started by
+    the first `next`. Its state is that of the elements handed out, not of those built ahead, so a resume repeats
+    and skips none. Nothing ever waits for the thread (grain's prefetch joins it when dropped, which hangs a stopping
+    run whose pipeline finds no element, skipping every example): it ends with the process, or after `close`."""
+
+    def __init__(self, parent: grain.DatasetIterator, size: int):
+        self._parent, self._size = parent, size
+        self._state = parent.get_state()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._ready: queue.Queue = queue.Queue(size)
+
+    def _produce(self) -> None:
+        try:
+            while not self._stop.is_set():
+                item = next(self._parent)
+                entry = (item, copy.deepcopy(self._parent.get_state()), None)
+                while not self._stop.is_set():
+                    try:
+                        self._ready.put(entry, timeout=0.1)
+                        break
+                    except queue.Full:
+                        pass
+        except BaseException as e:  # handed to the consumer, StopIteration included
+            self._ready.put((None, None, e))
+
+    def __iter__(self) -> "Prefetched":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._produce, daemon=True, name="ctelm-prefetch")
+            self._thread.start()
+        item, state, error = self._ready.get()
+        if error is not None:
+            raise error
+        self._state = state
+        return item
+
+    def get_state(self) -> dict:
+        """The position after the last element handed out."""
+        return self._state
+
+    def set_state(self, state: dict) -> None:
+        """Restores a position (before the first `next`, or after the thread has stopped)."""
+        if self._thread is not None:
+            self.close()
+            self._thread.join()  # it may be mid-element on the parent: let it finish before moving the parent
+            self._thread, self._stop, self._ready = None, threading.Event(), queue.Queue(self._size)
+        self._parent.set_state(state)
+        self._state = self._parent.get_state()
+
+    def close(self) -> None:
+        """Tells the thread to stop after the element it is building (without waiting for it)."""
+        self._stop.set()
 

@@ -73,19 +73,20 @@ def load_splits(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
 
 
 def _make(config: ml_collections.ConfigDict, split: Split, tokenizer: Tokenizer, weights: dict[str, float],
-          seed: int) -> Any:
+          seed: int, prefetch: int = 0) -> Any:
     # Every configured task keeps its index (task_ids follow config.data.tasks); unused ones get weight 0.
     ordered = {t: float(weights.get(t, 0.0)) for t in config.data.tasks}
     return pipeline.make_pipeline(
         split.records, split.embeddings, tokenizer, ordered, seq_len=int(config.data.seq_len),
         batch_size=int(config.data.global_batch_size), seed=seed,
-        max_embeddings_per_row=int(config.data.max_embeddings_per_row), embedding_dim=int(config.model.domain_dim))
+        max_embeddings_per_row=int(config.data.max_embeddings_per_row), embedding_dim=int(config.model.domain_dim),
+        prefetch=prefetch)
 
 
 def train_batches(config: ml_collections.ConfigDict, split: Split, tokenizer: Tokenizer, stage: Stage,
                   seed: int) -> Any:
     """The stage's endless, checkpointable iterator of this host's rows of each global batch."""
-    return _make(config, split, tokenizer, stage.task_weights, seed)
+    return _make(config, split, tokenizer, stage.task_weights, seed, prefetch=int(config.data.get("prefetch", 0)))
 
 
 def eval_batches(config: ml_collections.ConfigDict, split: Split, tokenizer: Tokenizer,

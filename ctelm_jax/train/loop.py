@@ -140,6 +140,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption: P
     peak = peak_flops_per_device(dcfg.dtype) * jax.device_count()
     eval_step = jax.jit(make_eval_step(graphdef, len(tasks)), in_shardings=(param_shardings, None))
     step, unsaved, unlogged = 0, False, None  # unlogged: the finished step's row, until it is written
+    pending = None  # (step, metrics on the devices) of a dispatched step whose metrics are not read yet
     try:
         with preemption.droppable():
             stage_index, data_state, restored = 0, None, None
@@ -184,28 +185,53 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption: P
                          stage.name, start, end, stage.trainable, stage.task_weights)
             bar = tqdm(total=end - start, initial=step - start, desc=stage.name, disable=jax.process_index() != 0,
                        dynamic_ncols=True)
-            while step < end:
-                t0 = time.perf_counter()
-                with preemption.droppable():
-                    batch_np = next(batches)
-                data_state = batches.get_state()  # after this step's batch: what a save of this step records
-                ts, metrics = train_step(ts, _place_batch(batch_np, mesh, rules))
+            last_read = time.perf_counter()
+
+            def finish_step(at: int, metrics: dict) -> dict[str, float]:
+                """Step `at`'s metrics, read from the devices (waiting for that step only), checked and summarised;
+                its row is written unless `at` ends with validation (whose losses join the row) or a save."""
+                nonlocal last_read, unlogged
                 metrics = jax.device_get(metrics)
-                dt = time.perf_counter() - t0
+                now = time.perf_counter()
+                dt, last_read = now - last_read, now  # between reads: the step period once steps overlap
                 if not (math.isfinite(float(metrics["loss"])) and math.isfinite(float(metrics["grad_norm"]))):
                     raise NonFiniteLoss(
-                        f"non-finite loss/grad at step {step} (stage {stage.name!r}, batch #{step - start} of its data "
-                        f"stream, loss={float(metrics['loss'])}, grad_norm={float(metrics['grad_norm'])}); stopped "
-                        f"without saving it. The last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}. "
-                        "Lower the learning rate or check the embeddings and data of that batch.")
-                step, unsaved = step + 1, True
+                        f"non-finite loss/grad at step {at} (stage {stage.name!r}, batch #{at - start} of its data "
+                        f"stream, loss={float(metrics['loss'])}, grad_norm={float(metrics['grad_norm'])})"
+                        + (f", found while step {step} ran (metrics are read a step late)" if step > at else "")
+                        + f"; stopped without saving it. The last good checkpoint is step {ckpt.latest_step()} in "
+                        f"{ckpt.directory}. Lower the learning rate or check the embeddings and data of that batch.")
                 scalars = _summarise(metrics, tasks)
-                scalars.update({"lr": float(stage.schedule()(step - start - 1)), "step_time_s": dt,
+                scalars.update({"lr": float(stage.schedule()(at - start - 1)), "step_time_s": dt,
                                 "tokens_per_s": global_batch * seq_len / dt, "mfu": flops_per_step / dt / peak,
                                 "target_tokens": float(metrics["target_tokens"])})
-                unlogged = scalars if step % config.log_every == 0 or step == end else None
+                bar.set_postfix(loss=f"{scalars['loss']:.3f}", tok_s=f"{scalars['tokens_per_s']:.0f}",
+                                mfu=f"{scalars['mfu']:.1%}")
+                bar.update(1)
+                summary["last"] = scalars
+                unlogged = scalars if at % config.log_every == 0 or at == end else None
+                return scalars
+
+            while step < end:
+                with preemption.droppable():
+                    batch_np = next(batches)  # built in the background while the previous step ran
+                data_state = batches.get_state()  # after this step's batch: what a save of this step records
+                ts, metrics = train_step(ts, _place_batch(batch_np, mesh, rules))  # dispatched, not awaited
+                step, unsaved = step + 1, True
+                if pending is not None:  # the previous step's metrics, while this one runs
+                    finish_step(*pending)
+                    if unlogged is not None:
+                        writer.write(pending[0], unlogged)
+                        unlogged = None
+                pending = (step, metrics)
+                validate = bool(config.eval.every_steps) and (step % config.eval.every_steps == 0 or step == end)
+                save = step % config.checkpoint.every_steps == 0 or step == end or preemption.requested
+                export = bool(config.export.every_steps) and step % config.export.every_steps == 0
+                if not (validate or save or export):
+                    continue
+                scalars, pending = finish_step(*pending), None  # a step that is validated, saved or exported is checked
                 val_loss = None
-                if config.eval.every_steps and (step % config.eval.every_steps == 0 or step == end):
+                if validate:
                     with preemption.droppable():
                         val_loss = evaluate(eval_step, ts.params, config, data["validation"], tokenizer, stage, mesh,
                                             rules, tasks)
@@ -213,23 +239,22 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption: P
                 if unlogged is not None:
                     writer.write(step, unlogged)
                     unlogged = None
-                bar.set_postfix(loss=f"{scalars['loss']:.3f}", tok_s=f"{scalars['tokens_per_s']:.0f}",
-                                mfu=f"{scalars['mfu']:.1%}")
-                bar.update(1)
-                summary["last"] = scalars
                 # Export before saving: a run killed mid-export resumes before this step and exports it again.
                 maybe_export(config, workdir, step, graphdef, ts.params, tokenizer)
-                if step % config.checkpoint.every_steps == 0 or step == end or preemption.requested:
+                if save:
                     ckpt.save(step, _as_dict(ts), data_state, {"stage": index, "step": step}, signature,
                               val_loss=None if val_loss is None else val_loss["loss"])
                     unsaved = False
                 if preemption.requested:
                     raise Interrupted("stop requested")
             bar.close()
+            batches.close()  # its thread stops building this stage's batches
             params = ts.params
             data_state = None
     except Interrupted:
         if unsaved:  # the signal landed after a finished step (while waiting for data or validating)
+            if pending is not None:  # its metrics are not read yet: check them before saving it
+                finish_step(*pending)
             if unlogged is not None:  # its row, without the validation the signal cut short
                 writer.write(step, unlogged)
             ckpt.save(step, _as_dict(ts), data_state, {"stage": index, "step": step}, signature)

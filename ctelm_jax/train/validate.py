@@ -17,7 +17,7 @@ from ctelm_jax.train.curriculum import Curriculum
 # Keys that count something a run needs at least one of, and keys where 0 switches a feature off.
 POSITIVE = ("data.seq_len", "data.global_batch_size", "data.max_embeddings_per_row", "checkpoint.every_steps",
             "checkpoint.keep", "eval.batches", "log_every")
-NON_NEGATIVE = ("data.max_records", "eval.every_steps", "export.every_steps")
+NON_NEGATIVE = ("data.max_records", "data.prefetch", "eval.every_steps", "export.every_steps")
 
 
 def check_sources(config: ml_collections.ConfigDict) -> None:
