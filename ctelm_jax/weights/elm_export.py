@@ -7,6 +7,16 @@ adapter as a `torch.nn.Sequential`, PyTorch (out, in) layout); `config.json` is 
 into the base weights or kept beside them as a PEFT adapter (`adapter_config.json`, `adapter_model.safetensors`).
 Tokenizer files (with chat template and placeholder token) and `generation_config.json` complete the folder.
 
+The placeholder's id has a row in the exported embedding table, so code that looks every input id up before splicing
+the adapter's output over the placeholders (OpenELM's `LlamaForEmbeddingLM`, plain Hugging Face code) runs. A reserved
+token of the decoder (Llama-3's) has one already. A placeholder added to the tokenizer (SmolLM2) has the id
+`vocab_size`: the export appends a zero row to `embed_tokens` (and to an untied `lm_head`), sets `vocab_size + 1` and
+`placeholder_row: true` in config.json (`import_elm` drops the row again). Every output on the decoder's vocabulary is
+unchanged: the row's input embedding is always overwritten by the splice, and its only output is one extra logit,
+exactly 0 (a zero row of the head, tied or not); the head cannot be given a row whose logit loses to every real one
+for every hidden state (there is no bias), so `generation_config.json` lists the placeholder in `suppress_tokens`, as
+ctelm_jax's own decoding bans it, and `generate` never emits it.
+
 Folders are written atomically on a local disk: into a hidden temporary sibling, renamed into place when complete.
 A remote folder (gs://) has no atomic rename; `staged_dir` says what is done there instead.
 """
@@ -43,13 +53,15 @@ from ctelm_jax.weights.hf import (
     CheckpointError, Tensors, decoder_from_hf, decoder_to_hf, lora_to_peft, read_config, read_tensors, write_tensors,
 )
 from ctelm_jax.weights.default import ENCODER_NAME
-from ctelm_jax.weights.tokenizer import PLACEHOLDER, Tokenizer
+from ctelm_jax.weights.tokenizer import Tokenizer
 
 ADAPTER_LAYERS = {"0": "fc_in", "2": "fc_out"}  # index in the torch Sequential -> Adapter attribute
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 GENERATION_CONFIG = "generation_config.json"
 PEFT_PREFIX = "base_model.model."
 CONFIG = "config.json"  # written last into a remote folder: a folder holding it is complete
+PLACEHOLDER_ROW = "placeholder_row"  # config.json: the table holds an appended row for the placeholder (module doc)
+VOCAB_TABLES = ("model.embed_tokens.weight", "lm_head.weight")  # HF tensors with one row per vocabulary id
 LORA_MODES = ("merge", "peft")
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 
@@ -118,10 +130,27 @@ def lora_from_peft(decoder: Llama, tensors: Tensors, source: str = "adapter") ->
         var[...] = value
 
 
+def needs_placeholder_row(model: ELM) -> bool:
+    """Whether the placeholder lies past the decoder's vocabulary (then the export appends its row)."""
+    vocab = model.decoder.config.vocab_size
+    if model.placeholder_id > vocab:
+        raise ValueError(f"placeholder id {model.placeholder_id} leaves a gap after the decoder's {vocab} rows; the "
+                         "tokenizer does not belong to this decoder.")
+    return model.placeholder_id == vocab
+
+
+def with_placeholder_row(tensors: Tensors) -> Tensors:
+    """`tensors` with a zero row appended to each vocabulary table (`VOCAB_TABLES`): the placeholder's."""
+    return {k: np.concatenate([v, np.zeros((1, v.shape[1]), v.dtype)]) if k in VOCAB_TABLES else v
+            for k, v in tensors.items()}
+
+
 def elm_hf_config(model: ELM, tokenizer: Tokenizer, extra_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The folder's `config.json`: the Llama config, the adapter's sizes, the placeholder and `extra_config`."""
+    row = needs_placeholder_row(model)
     return {
         **model.decoder.config.to_hf_dict(),
+        **({"vocab_size": model.decoder.config.vocab_size + 1, PLACEHOLDER_ROW: True} if row else {}),
         "dim_embed_domain": int(model.adapter.fc_in.kernel[...].shape[0]),
         "dim_adapter_hidden": int(model.adapter.fc_in.kernel[...].shape[1]),
         "placeholder_token": tokenizer.placeholder, "placeholder_token_id": int(tokenizer.placeholder_id),
@@ -202,9 +231,11 @@ def export_elm(
                          f"{tokenizer.placeholder_id} ({tokenizer.placeholder!r}); they do not belong together.")
     out = check_target(out_dir, overwrite)
     tensors = {**decoder_to_hf(model.decoder, merge_lora=lora == "merge"), **adapter_to_hf(model.adapter)}
+    if needs_placeholder_row(model):
+        tensors = with_placeholder_row(tensors)
     hf = tokenizer.hf
     generation = {"bos_token_id": hf.bos_token_id, "eos_token_id": list(tokenizer.eos_ids),
-                  "pad_token_id": tokenizer.pad_id, "do_sample": False}
+                  "pad_token_id": tokenizer.pad_id, "do_sample": False, "suppress_tokens": [tokenizer.placeholder_id]}
     try:
         with staged_dir(out, overwrite) as tmp:
             write_tensors(tensors, tmp, max_shard_bytes)
@@ -252,7 +283,7 @@ def import_elm(
 
     A PEFT adapter in the folder sets the LoRA fields and its factors are loaded; without one, LoRA overrides give
     fresh factors (B = 0) on top of the (merged) weights. The tokenizer is the folder's unless given; its
-    placeholder is `placeholder`, else config.json's `placeholder_token`, else `<|embedding|>`.
+    placeholder is `placeholder`, else config.json's `placeholder_token`, else `tokenizer.default_placeholder`.
     """
     with fs.local_copy(folder) as local:
         return _import_local(local, tokenizer, placeholder, rngs, overrides)
@@ -262,6 +293,9 @@ def _import_local(folder: Path, tokenizer: Tokenizer | None, placeholder: str | 
                   overrides: dict[str, Any]) -> tuple[ELM, Tokenizer]:
     """`import_elm` of a local folder."""
     hf = read_config(folder)
+    row = bool(hf.get(PLACEHOLDER_ROW))
+    if row:
+        hf = {**hf, "vocab_size": int(hf["vocab_size"]) - 1}
     missing = [k for k in ("dim_embed_domain", "dim_adapter_hidden") if k not in hf]
     if missing:
         raise CheckpointError(f"{folder / CONFIG}: no {missing}; not an ELM folder (a plain Llama checkpoint "
@@ -273,12 +307,14 @@ def _import_local(folder: Path, tokenizer: Tokenizer | None, placeholder: str | 
                          "or export with lora='merge' to start new LoRA factors.")
     cfg = LlamaConfig.from_hf_dict(hf, **{**overrides, **lora})
     if tokenizer is None:
-        tokenizer = Tokenizer.from_dir(folder, placeholder or hf.get("placeholder_token") or PLACEHOLDER)
+        tokenizer = Tokenizer.from_dir(folder, placeholder or hf.get("placeholder_token"))
     if len(tokenizer) > cfg.vocab_size + 1:
         raise CheckpointError(f"{folder}: tokenizer has {len(tokenizer)} tokens but the decoder's vocabulary is "
                               f"{cfg.vocab_size}; they do not belong together.")
     rngs = rngs or nnx.Rngs(0)
     tensors = read_tensors(folder)
+    if row:  # the appended placeholder row (module doc) is not part of the decoder
+        tensors = {k: v[:-1] if k in VOCAB_TABLES else v for k, v in tensors.items()}
     decoder = Llama(cfg, rngs=rngs)
     decoder_from_hf(decoder, tensors, source=str(folder))
     adapter = Adapter(int(hf["dim_embed_domain"]), int(hf["dim_adapter_hidden"]), cfg.hidden_size, rngs=rngs,
