@@ -3,7 +3,9 @@
 The layout is OpenELM's: `model.safetensors` (sharded with an index above a size limit) holds the decoder under
 `LlamaForCausalLM` names plus `adapter.0.weight/bias` and `adapter.2.weight/bias` (the Linear -> ReLU -> Linear
 adapter as a `torch.nn.Sequential`, PyTorch (out, in) layout); `config.json` is the Llama config plus
-`dim_embed_domain`, `dim_adapter_hidden`, `placeholder_token(_id)` and the encoder's name. LoRA is either merged
+`dim_embed_domain`, `dim_adapter_hidden`, `placeholder_token(_id)` and the encoder's name. An embedding-prediction head
+(`models.embed_head`) is stored as `embed_head.weight/bias` (PyTorch layout) with its loss weight as
+`embed_pred_weight` in config.json. LoRA is either merged
 into the base weights or kept beside them as a PEFT adapter (`adapter_config.json`, `adapter_model.safetensors`).
 Tokenizer files (with chat template and placeholder token) and `generation_config.json` complete the folder.
 
@@ -46,6 +48,7 @@ from ctelm_jax import fs
 from ctelm_jax.errors import UserError, is_disk_full
 from ctelm_jax.models.adapter import Adapter, folded_input_layer
 from ctelm_jax.models.elm import ELM
+from ctelm_jax.models.embed_head import EmbedHead
 from ctelm_jax.models.llama import Llama, LlamaConfig
 from ctelm_jax.models.lora import LoRAParam
 from ctelm_jax.trained import load_trained
@@ -102,6 +105,28 @@ def adapter_from_hf(adapter: Adapter, tensors: Tensors, source: str = "checkpoin
     adapter.input_scale[...] = jnp.ones_like(adapter.input_scale[...])
 
 
+def embed_head_to_hf(head: EmbedHead) -> Tensors:
+    """The head's Linear as `embed_head.{weight,bias}` numpy tensors (PyTorch (out, in) layout)."""
+    return {"embed_head.weight": np.ascontiguousarray(np.asarray(head.proj.kernel[...]).T),
+            "embed_head.bias": np.asarray(head.proj.bias[...])}
+
+
+def embed_head_from_hf(tensors: Tensors, hf: Mapping[str, Any], cfg: LlamaConfig,
+                       rngs: nnx.Rngs) -> EmbedHead | None:
+    """The embedding-prediction head of a folder's tensors, or None when it has none."""
+    if "embed_head.weight" not in tensors:
+        return None
+    weight = tensors["embed_head.weight"]
+    head = EmbedHead(cfg.hidden_size, int(hf["dim_embed_domain"]), float(hf.get("embed_pred_weight", 1.0)),
+                     rngs=rngs, param_dtype=jnp.dtype(cfg.param_dtype))
+    if weight.T.shape != head.proj.kernel[...].shape:
+        raise CheckpointError(f"tensor 'embed_head.weight' has shape {weight.shape}; config.json (dim_embed_domain, "
+                              f"hidden_size) implies {head.proj.kernel[...].shape[::-1]}.")
+    head.proj.kernel[...] = jnp.asarray(weight.T, head.proj.kernel[...].dtype)
+    head.proj.bias[...] = jnp.asarray(tensors["embed_head.bias"], head.proj.bias[...].dtype)
+    return head
+
+
 def _peft_key(path: tuple[Any, ...], layer: int) -> str:
     """The PEFT tensor name of a LoRA factor at `path` (…, module, proj, 'lora', 'a'|'b') in decoder layer `layer`."""
     module, proj, factor = path[-4], path[-3], path[-1]
@@ -154,6 +179,7 @@ def elm_hf_config(model: ELM, tokenizer: Tokenizer, extra_config: Mapping[str, A
         "dim_embed_domain": int(model.adapter.fc_in.kernel[...].shape[0]),
         "dim_adapter_hidden": int(model.adapter.fc_in.kernel[...].shape[1]),
         "placeholder_token": tokenizer.placeholder, "placeholder_token_id": int(tokenizer.placeholder_id),
+        **({"embed_pred_weight": model.embed_head.loss_weight} if model.embed_head is not None else {}),
         **dict(extra_config or {}),
     }
 
@@ -231,6 +257,8 @@ def export_elm(
                          f"{tokenizer.placeholder_id} ({tokenizer.placeholder!r}); they do not belong together.")
     out = check_target(out_dir, overwrite)
     tensors = {**decoder_to_hf(model.decoder, merge_lora=lora == "merge"), **adapter_to_hf(model.adapter)}
+    if model.embed_head is not None:
+        tensors.update(embed_head_to_hf(model.embed_head))
     if needs_placeholder_row(model):
         tensors = with_placeholder_row(tensors)
     hf = tokenizer.hf
@@ -327,7 +355,7 @@ def _import_local(folder: Path, tokenizer: Tokenizer | None, placeholder: str | 
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{weights}: missing or unreadable ({e}); {PEFT_CONFIG} needs it beside it.") from e
         lora_from_peft(decoder, peft_tensors, source=str(weights))
-    return ELM(decoder, adapter, tokenizer.placeholder_id), tokenizer
+    return ELM(decoder, adapter, tokenizer.placeholder_id, embed_head_from_hf(tensors, hf, cfg, rngs)), tokenizer
 
 
 def run_extras(
