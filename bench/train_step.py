@@ -54,7 +54,8 @@ def make_batch(batch: int, seq: int, vocab: int, placeholder: int) -> dict[str, 
             "segment_ids": np.ones((batch, seq), np.int32),
             "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy(),
             "embeddings": rng.standard_normal((batch, 2, DOMAIN)).astype(np.float32),
-            "task_ids": np.zeros((batch, seq), np.int32)}
+            "task_ids": np.zeros((batch, seq), np.int32), "pool_ids": np.zeros((batch, seq), np.int32),
+            "embed_targets": np.zeros((batch, 2, DOMAIN), np.float32)}
 
 
 def jax_worker(setting: str, batch: dict, steps: int, model: str) -> list[float]:

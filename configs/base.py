@@ -20,6 +20,8 @@ def base_config() -> ml_collections.ConfigDict:
         lora_rank=16, lora_alpha=32.0, lora_targets=("q_proj", "k_proj"),
         domain_dim=384, adapter_hidden=1024, seed=0,
         standardize_adapter_input=True,  # adapter sees (e - train mean) / train spread; False = OpenELM's raw e
+        embed_pred_weight=1.0,      # > 0: an embedding-prediction head (text -> vector, models/embed_head.py) whose
+                                    # 1 - cos loss on `embed` examples has this weight; 0 = no head
     ))
     c.data = ml_collections.ConfigDict(dict(
         corpus="data/clinical_trials.jsonl.gz",
@@ -32,8 +34,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.rules = [list(r) for r in DEFAULT_RULES]
     c.stages = [
-        dict(name="align", steps=100, trainable=("adapter",), tasks={"describe": 1.0}, learning_rate=1e-3,
-             warmup_steps=10),
+        dict(name="align", steps=100, trainable=("adapter",), tasks={"describe": 1.0, "embed": 0.25},
+             learning_rate=1e-3, warmup_steps=10),
         dict(name="multitask", steps=200, trainable=("adapter", "lora"),
              tasks={"describe": 0.4, "attributes": 0.25, "compare": 0.15, "concept": 0.1, "eligibility": 0.1},
              learning_rate=3e-4, warmup_steps=10),

@@ -26,8 +26,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.global_batch_size = 96
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     c.stages = [
-        dict(name="align", steps=1000, trainable=("adapter",), tasks={"describe": 1.0}, learning_rate=1e-3,
-             warmup_steps=50),
+        dict(name="align", steps=1000, trainable=("adapter",), tasks={"describe": 1.0, "embed": 0.25},
+             learning_rate=1e-3, warmup_steps=50),
         dict(name="finetune", steps=3000, trainable=("adapter", "decoder"),
              tasks={"describe": 0.4, "attributes": 0.25, "compare": 0.15, "concept": 0.1, "eligibility": 0.1},
              learning_rate=2e-5, warmup_steps=100, weight_decay=0.01),

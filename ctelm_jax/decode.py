@@ -8,6 +8,11 @@
     python -m ctelm_jax.decode --workdir=runs/default --mode=interpolate --nctids=NCT00000102,NCT00000104 --steps=5
     python -m ctelm_jax.decode --workdir=runs/default --mode=concept --concept=age --strengths=-1,-0.5,0,0.5,1 \
         --nctids=NCT00000102
+    python -m ctelm_jax.decode --workdir=runs/default --mode=embed --texts="Phase: phase 2 ..." --out=vectors.npy
+
+`--mode=embed` goes the other way: the run's ELM predicts each of `--texts`' encoder embedding (text -> vector, its
+embedding-prediction head), printed with its cosine to the encoder's embedding where the encoder is available, and
+with `--out`, saved as an (n, d) .npy.
 
 Inputs come from exactly one of `--texts` (embedded with the run's encoder), `--npy` ((n, d) or (d,) float array)
 or `--nctids` (rows of the run's corpus embeddings). Results are printed and, with `--out`, written as JSONL (one
@@ -34,7 +39,7 @@ from ctelm_jax.generate import SamplingConfig
 from ctelm_jax.models.elm import ELM
 from ctelm_jax.weights.tokenizer import Tokenizer
 
-MODES = ("describe", "compare", "ask", "interpolate", "concept")
+MODES = ("describe", "compare", "ask", "interpolate", "concept", "embed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,6 +228,9 @@ def decode(f: flags.FlagValues) -> None:
             raise ValueError(f"--concept={f.concept!r} is not saved with {workdir}; saved: {sorted(saved)}.")
         concept = saved[f.concept]
     model, tokenizer, config, step = load_trained(workdir, f.step)
+    if f.mode == "embed":
+        embed(f, model, tokenizer, config)
+        return
     labels, vectors = _input_vectors(f, workdir, config, tokenizer)
     jobs = make_jobs(f.mode, tokenizer, labels, vectors, question=f.question, steps=f.steps,
                      strengths=[float(s) for s in f.strengths], concept=concept)
@@ -238,6 +246,27 @@ def decode(f: flags.FlagValues) -> None:
             for r in results:
                 out.write(json.dumps({"mode": f.mode, "workdir": str(workdir), "step": step, **r}) + "\n")
         print(f"wrote {len(results)} results to {f.out}")
+
+
+def embed(f: flags.FlagValues, model: ELM, tokenizer: Tokenizer, config: Any) -> None:
+    """--mode=embed: the ELM's embeddings of --texts, printed (with cos to the encoder's) and saved to --out."""
+    from ctelm_jax.eval.suite import run_encoder
+    from ctelm_jax.text_embedding import embed_texts
+
+    if not f.texts:
+        raise app.UsageError("--mode=embed embeds --texts (repeat the flag); --npy and --nctids are vectors already.")
+    predicted = embed_texts(model, tokenizer, f.texts, f.batch_size)
+    encode, note = run_encoder(config)
+    cos = None if encode is None else (predicted * check_vectors(encode(f.texts), predicted.shape[1], "encoder")).sum(1)
+    for i, text in enumerate(f.texts):
+        score = f"cos to the encoder {cos[i]:.3f}" if cos is not None else f"no encoder ({note})"
+        print(f"=== embed: {text[:60]!r} ({score})\n{np.array2string(predicted[i][:8], precision=3)} ...")
+    if f.out:
+        out_path = fs.as_path(f.out)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        with out_path.open("wb") as out:
+            np.save(out, predicted)
+        print(f"wrote {predicted.shape} embeddings to {f.out}")
 
 
 if __name__ == "__main__":

@@ -33,10 +33,10 @@ from flax import nnx
 from jax.sharding import AbstractMesh, Mesh, PartitionSpec
 
 from ctelm_jax.errors import entry_point
-from ctelm_jax.models.adapter import Adapter
-from ctelm_jax.models.build import decoder_config
+from ctelm_jax.data.pipeline import batch_spec
+from ctelm_jax.models.build import ModelSpec, decoder_config
 from ctelm_jax.models.elm import ELM
-from ctelm_jax.models.llama import Constrain, Llama, LlamaConfig, no_constraint
+from ctelm_jax.models.llama import Constrain, LlamaConfig, no_constraint
 from ctelm_jax.parallel.mesh import MESH_AXES, resolve_mesh_shape
 from ctelm_jax.parallel.rules import Rules, as_rules, batch_sharding, constrainer, logical_to_spec, state_shardings
 from ctelm_jax.train.checkpoint import abstract_like
@@ -104,16 +104,9 @@ class Sizing:
 
 def abstract_elm(model_cfg: Mapping[str, Any], constrain: Constrain = no_constraint) -> ELM:
     """The ELM with ShapeDtypeStruct leaves (nothing allocated, no weights read)."""
-    cfg = decoder_config(model_cfg)
-
-    def build() -> ELM:
-        rngs = nnx.Rngs(0)
-        decoder = Llama(cfg, rngs=rngs, constrain=constrain)
-        adapter = Adapter(int(model_cfg["domain_dim"]), int(model_cfg["adapter_hidden"]), cfg.hidden_size, rngs=rngs,
-                          param_dtype=jnp.dtype(cfg.param_dtype), dtype=jnp.dtype(cfg.dtype))
-        return ELM(decoder, adapter, 0)
-
-    return nnx.eval_shape(build)
+    spec = ModelSpec(decoder_config(model_cfg), int(model_cfg["domain_dim"]), int(model_cfg["adapter_hidden"]), 0, 0,
+                     False, float(model_cfg.get("embed_pred_weight", 0.0)))
+    return nnx.eval_shape(lambda: spec.create(constrain))
 
 
 def _shard_bytes(shape: Sequence[int], itemsize: int, spec: PartitionSpec, mesh_shape: Mapping[str, int],
@@ -300,9 +293,7 @@ def abstract_batch(config: ml_collections.ConfigDict, mesh: Mesh, global_batch: 
     """A train batch of the config (or `global_batch` rows) as ShapeDtypeStructs sharded over the batch axes."""
     b = int(config.data.global_batch_size) if global_batch is None else global_batch
     t, e = int(config.data.seq_len), int(config.data.max_embeddings_per_row)
-    shapes = dict(tokens=((b, t), jnp.int32), targets=((b, t), jnp.int32), loss_mask=((b, t), jnp.float32),
-                  segment_ids=((b, t), jnp.int32), positions=((b, t), jnp.int32), task_ids=((b, t), jnp.int32),
-                  embeddings=((b, e, int(config.model.domain_dim)), jnp.float32))
+    shapes = batch_spec(b, t, e, int(config.model.domain_dim))
     rules = as_rules(config.rules)
     return {k: jax.ShapeDtypeStruct(s, d, sharding=batch_sharding(mesh, rules, len(s))) for k, (s, d) in shapes.items()}
 

@@ -103,7 +103,15 @@ def test_transformers_matches_ctelm(tmp_path, tokenizer, lora, tied):
     assert (config["dim_embed_domain"], config["dim_adapter_hidden"], config["encoder"]) == (DOMAIN, HIDDEN,
                                                                                            "all-MiniLM-L6-v2")
     assert (config["placeholder_token"], config["placeholder_token_id"]) == ("<|embedding|>", 49152)
+    # The placeholder (past the decoder's 49152 rows) gets a zero row in every vocabulary table.
+    assert (config["vocab_size"], config["placeholder_row"]) == (49153, True)
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["suppress_tokens"] == [49152]
     tensors = read_tensors(out)
+    tables = ["model.embed_tokens.weight"] + ([] if tied else ["lm_head.weight"])
+    assert sorted(k for k in tensors if k.endswith("embed_tokens.weight") or k.startswith("lm_head")) == sorted(tables)
+    for name in tables:
+        assert tensors[name].shape == (49153, CFG.hidden_size) and not tensors[name][-1].any()
     assert {k for k in tensors if k.startswith("adapter.")} == {f"adapter.{i}.{w}" for i in (0, 2)
                                                                 for w in ("weight", "bias")}
     assert tensors["adapter.0.weight"].shape == (HIDDEN, DOMAIN)
@@ -129,6 +137,8 @@ def test_transformers_matches_ctelm(tmp_path, tokenizer, lora, tied):
                                         torch.tensor(embeddings))
         theirs = loaded.model(inputs_embeds=embeds, attention_mask=torch.tensor(mask)).logits.numpy()
     real = mask.astype(bool)
+    assert not theirs[..., CFG.vocab_size].any()  # the placeholder's logit: its zero head row gives exactly 0
+    theirs = theirs[..., :CFG.vocab_size]
     swapped = np.asarray(elm(jnp.asarray(tokens), jnp.asarray(embeddings[:, ::-1]), segment_ids=jnp.asarray(mask))[0])
     assert np.abs(ours[real] - swapped[real]).max() > 0.1  # the soft tokens reach the logits, in order
     assert np.abs(ours[real] - theirs[real]).max() <= 1e-4
@@ -141,6 +151,16 @@ def test_transformers_matches_ctelm(tmp_path, tokenizer, lora, tied):
     assert got == expected and len(expected) == 32
     assert tied or len(set(expected)) > 16  # an untied random decoder does not just repeat itself
     assert reference.generate(loaded, PROMPTS[1], emb, 32) == tokenizer.decode(expected)
+
+    # OpenELM's way (any code that embeds input_ids first): a plain lookup of every id, the placeholder's included,
+    # then the adapter's outputs written over the placeholders' rows; generate() as the folder configures it.
+    ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        embeds = loaded.model.get_input_embeddings()(ids)
+        embeds[ids == config["placeholder_token_id"]] = loaded.adapter(torch.tensor(emb))
+        plain = loaded.model.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), max_new_tokens=32)
+    assert plain[0].tolist() == expected
+    assert tokenizer.decode(plain[0]) == tokenizer.decode(expected)
 
 
 def test_round_trip_peft_is_bit_identical(tmp_path, elm, tokenizer):
@@ -350,3 +370,26 @@ def test_maybe_export_every_n_steps(tmp_path, run_dir, tokenizer):
     assert maybe_export(config, workdir, 8, graphdef, params, tokenizer) == out  # a resumed run re-exports in place
     back, _ = import_elm(out)
     assert_identical(decoder_to_hf(back.decoder), decoder_to_hf(model.decoder, merge_lora=True))
+
+
+def test_reserved_token_is_the_placeholder_and_needs_no_row(tmp_path):
+    from tokenizers import Tokenizer as RawTokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<|eot_id|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>", "describe", "trial", "."]
+    raw = RawTokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="."))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|eot_id|>",
+                                     additional_special_tokens=words[1:3])
+    hf_tok.chat_template = "{% for m in messages %}{{ m['content'] }} <|eot_id|>{% endfor %}"
+    tok = Tokenizer(hf_tok)  # Llama-3's way (OpenELM's too): the reserved token, inside the vocabulary
+    assert (tok.placeholder, tok.placeholder_id, len(tok)) == ("<|reserved_special_token_0|>", 1, len(words))
+    cfg = CFG.replace(vocab_size=len(words), tie_word_embeddings=True)
+    elm = make_elm(tok, cfg)
+    out = export_elm(elm, tok, tmp_path / "hf", lora="peft")
+    config = json.loads((out / "config.json").read_text())
+    assert (config["vocab_size"], config["placeholder_token_id"]) == (len(words), 1) and "placeholder_row" not in config
+    assert read_tensors(out)["model.embed_tokens.weight"].shape == (len(words), cfg.hidden_size)
+    back, back_tok = import_elm(out)
+    assert back_tok.placeholder_id == 1
+    assert_identical(flat_params(back), flat_params(elm))

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from ctelm_jax.data import corpus, pipeline
+from ctelm_jax.data import corpus, pipeline, render
 
 SEQ, BATCH, E, D = 256, 4, 6, 8
 WEIGHTS = {"describe": 4, "attributes": 3, "compare": 1, "concept": 1, "eligibility": 1}
@@ -129,3 +129,27 @@ def test_embedding_validation(records, embeddings, tokenizer):
         _make(records, embeddings, tokenizer, weights={"summarize": 1})
     with pytest.raises(ValueError, match="positive sum"):
         _make(records, embeddings, tokenizer, weights={"describe": 0})
+
+
+def test_embed_examples_point_at_their_own_targets(records, embeddings, tokenizer):
+    weights = {"describe": 1, "embed": 3}
+    seen = 0
+    for batch in _take(_make(records, embeddings, tokenizer, weights), 3):
+        for r in range(BATCH):
+            seg, tok, ids = batch["segment_ids"][r], batch["tokens"][r], batch["pool_ids"][r]
+            for slot in np.unique(ids[ids > 0]):
+                pooled = ids == slot
+                assert len(np.unique(seg[pooled])) == 1 and not batch["loss_mask"][r][pooled].any()
+                index = int(batch["embed_targets"][r, slot - 1, 0])  # column 0 names the record
+                assert np.array_equal(batch["embed_targets"][r, slot - 1], embeddings[index])
+                assert tokenizer.decode(tok[pooled], skip_special_tokens=False) == render.render_text(records[index])
+                seen += 1
+            # slots without pooled tokens are zero; placeholders still take embeddings[r, k] in order
+            unused = np.setdiff1d(np.arange(E), np.unique(ids[ids > 0]) - 1)
+            assert not batch["embed_targets"][r, unused].any()
+            k = np.count_nonzero(tok == tokenizer.placeholder_id)
+            emb_rows = batch["embeddings"][r, :k, 0].astype(int)
+            assert np.allclose(batch["embeddings"][r, :k], embeddings[emb_rows])
+    # 12 rows of 256 tokens hold ~one 150-250-token example each, 3/4 of them embed ones: ~9 expected; fewer than 4
+    # has probability ~1e-4 (binomial), so this only fails when embed examples are lost.
+    assert seen >= 4

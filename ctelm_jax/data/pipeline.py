@@ -26,8 +26,9 @@ from ctelm_jax.data import tasks
 from ctelm_jax.data.embeddings import check_embeddings
 from ctelm_jax.weights.tokenizer import Tokenizer
 
-BATCH_KEYS: tuple[str, ...] = ("tokens", "targets", "loss_mask", "segment_ids", "positions", "embeddings", "task_ids")
-_EMBEDDINGS_PER_TASK = {"compare": 2}
+BATCH_KEYS: tuple[str, ...] = ("tokens", "targets", "loss_mask", "segment_ids", "positions", "embeddings", "task_ids",
+                               "pool_ids", "embed_targets")
+_EMBEDDINGS_PER_TASK = {"compare": 2, "embed": 0}
 
 
 def _task_probabilities(tasks_weights: Mapping[str, float]) -> np.ndarray:
@@ -62,7 +63,8 @@ class _MakeExample(grain.transforms.RandomMap):
             return None
         return {"tokens": example["tokens"], "loss_mask": example["loss_mask"],
                 "task_ids": np.full(len(example["tokens"]), task_id, np.int32),
-                "embedding_indices": example["embedding_indices"]}
+                "embedding_indices": example["embedding_indices"], "pool_mask": example["pool_mask"],
+                "target_indices": example["target_indices"]}
 
 
 class _Finalize(grain.transforms.Map):
@@ -81,7 +83,15 @@ class _Finalize(grain.transforms.Map):
         targets[:, :-1] = np.where(same, tokens[:, 1:], self.pad_id)
         used = packed["embedding_indices_segment_ids"] > 0
         embeddings = self.embeddings[packed["embedding_indices"]] * used[..., None]
-        return {"tokens": tokens, "targets": targets,
+        # Each pooled token points (1-based) at the target slot of its own example (same segment id).
+        target_segments = packed["target_indices_segment_ids"]
+        match = ((segment_ids[:, :, None] == target_segments[:, None, :]) & (target_segments[:, None, :] > 0)
+                 & (packed["pool_mask"] > 0)[:, :, None] & real[:, :, None])
+        pool_ids = np.where(match.any(-1), match.argmax(-1) + 1, 0).astype(np.int32)
+        targets_used = (target_segments > 0)[..., None]
+        return {"pool_ids": pool_ids,
+                "embed_targets": (self.embeddings[packed["target_indices"]] * targets_used).astype(np.float32),
+                "tokens": tokens, "targets": targets,
                 "loss_mask": (packed["loss_mask"] * real).astype(np.float32), "segment_ids": segment_ids,
                 "positions": np.where(real, packed["tokens_positions"], 0).astype(np.int32),
                 "embeddings": embeddings.astype(np.float32), "task_ids": np.where(real, packed["task_ids"], 0)
@@ -95,7 +105,8 @@ def batch_spec(batch_size: int, seq_len: int, max_embeddings_per_row: int, embed
     i32, f32 = np.dtype(np.int32), np.dtype(np.float32)
     return {"tokens": ((b, seq_len), i32), "targets": ((b, seq_len), i32), "loss_mask": ((b, seq_len), f32),
             "segment_ids": ((b, seq_len), i32), "positions": ((b, seq_len), i32),
-            "embeddings": ((b, max_embeddings_per_row, embedding_dim), f32), "task_ids": ((b, seq_len), i32)}
+            "embeddings": ((b, max_embeddings_per_row, embedding_dim), f32), "task_ids": ((b, seq_len), i32),
+            "pool_ids": ((b, seq_len), i32), "embed_targets": ((b, max_embeddings_per_row, embedding_dim), f32)}
 
 
 def make_dataset(records: Sequence[Mapping], embeddings: np.ndarray, tokenizer: Tokenizer,
@@ -123,8 +134,8 @@ def make_dataset(records: Sequence[Mapping], embeddings: np.ndarray, tokenizer: 
                 [process_index::process_count])
     packed = grain.experimental.FirstFitPackIterDataset(
         examples.to_iter_dataset(grain.ReadOptions(num_threads=read_threads)),
-        length_struct={"tokens": seq_len, "loss_mask": seq_len, "task_ids": seq_len,
-                       "embedding_indices": max_embeddings_per_row},
+        length_struct={"tokens": seq_len, "loss_mask": seq_len, "task_ids": seq_len, "pool_mask": seq_len,
+                       "embedding_indices": max_embeddings_per_row, "target_indices": max_embeddings_per_row},
         num_packing_bins=local_batch, shuffle_bins=False)
     return packed.batch(local_batch, drop_remainder=True).map(_Finalize(table, tokenizer.pad_id))
 

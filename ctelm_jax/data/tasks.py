@@ -11,6 +11,9 @@ Tasks (`TASKS`):
   eligibility  embedding -> its eligibility criteria written out in full (ages, sex, every key inclusion and
                exclusion item as a list): ctELM's eligibility-criteria generation, a longer reconstruction than
                `describe`
+  embed        the trial's canonical text (no placeholder) -> its embedding: no target tokens; the hidden states
+               over the text (`pool_mask`) feed the embedding-prediction head (`models.embed_head`), the trial's
+               embedding row is the target (`target_indices`)
 
 Tokens are `prompt + target + [end-of-turn]`, where the prompt is the chat template up to and including the
 assistant header (`encode_prompt`, which generation must use too). `loss_mask[t] = 1` means `tokens[t + 1]` is a
@@ -28,7 +31,7 @@ import numpy as np
 from ctelm_jax.data import render
 from ctelm_jax.weights.tokenizer import Tokenizer
 
-TASKS: tuple[str, ...] = ("describe", "attributes", "compare", "concept", "eligibility")
+TASKS: tuple[str, ...] = ("describe", "attributes", "compare", "concept", "eligibility", "embed")
 ATTRIBUTES: tuple[str, ...] = ("phase", "conditions", "interventions", "ages", "sex", "status")
 ELIGIBILITY_MAX_CHARS = 1200
 _E = "{E}"  # stands for the placeholder token in instruction templates
@@ -41,6 +44,8 @@ class Example(TypedDict):
     loss_mask: np.ndarray  # float32 (L,): 1 where tokens[t + 1] is a target token
     embedding_indices: np.ndarray  # int32 (k,): corpus rows whose embeddings fill the k placeholders, in order
     task: str
+    pool_mask: np.ndarray  # float32 (L,): 1 on the tokens of the text whose embedding is predicted (`embed` only)
+    target_indices: np.ndarray  # int32 (0,) or (1,): the corpus row whose embedding that text should get
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -86,6 +91,22 @@ def encode_prompt(tokenizer: Tokenizer, instruction: str) -> list[int]:
     """Token ids of the chat prompt for `instruction` (with placeholder tokens) up to the assistant's first token."""
     t = _template(tokenizer)
     return [*t.before_user, *tokenizer.encode(instruction), *t.after_user]
+
+
+EMBED_INSTRUCTION = "Clinical trial: "
+
+
+def embed_prompt(tokenizer: Tokenizer, text: str, max_len: int | None = None) -> tuple[list[int], np.ndarray]:
+    """(chat prompt ids, float32 mask of the text's tokens in it) of the `embed` task; the text is cut to fit
+    `max_len` tokens. Training and `text_embedding.embed_texts` build the same prompt."""
+    t = _template(tokenizer)
+    head = [*t.before_user, *tokenizer.encode(EMBED_INSTRUCTION)]
+    body = tokenizer.encode(text)
+    if max_len is not None:
+        body = body[:max(max_len - len(head) - len(t.after_user), 0)]
+    mask = np.zeros(len(head) + len(body) + len(t.after_user), np.float32)
+    mask[len(head):len(head) + len(body)] = 1.0
+    return [*head, *body, *t.after_user], mask
 
 
 def end_of_turn_id(tokenizer: Tokenizer) -> int:
@@ -267,6 +288,16 @@ def make_example(task: str, records: Sequence[Mapping], index: int, rng: np.rand
                  max_len: int, stats: collections.Counter | None = None) -> Example | None:
     """The tokenized `task` example built around record `index`; a target too long for `max_len` is cut (counted in
     `stats["truncated"]`), an example whose prompt leaves no room for a target is None (`stats["skipped: ..."]`)."""
+    none = np.zeros(0, np.int32)
+    if task == "embed":
+        tokens, pool_mask = embed_prompt(tokenizer, render.render_fields(_view(records).fields(index)), max_len)
+        if not pool_mask.any() or len(tokens) > max_len:
+            if stats is not None:
+                stats["skipped: prompt longer than max_len"] += 1
+            return None
+        return Example(tokens=np.asarray(tokens, np.int32), loss_mask=np.zeros(len(tokens), np.float32),
+                       embedding_indices=none, task=task, pool_mask=pool_mask,
+                       target_indices=np.asarray([index], np.int32))
     instruction, target, rows = make_text(task, records, index, rng)
     instruction = instruction.replace(_E, tokenizer.placeholder)
     target = target.replace(tokenizer.placeholder, " ")
@@ -284,4 +315,5 @@ def make_example(task: str, records: Sequence[Mapping], index: int, rng: np.rand
     tokens = np.asarray(prompt + answer, np.int32)
     loss_mask = np.zeros(len(tokens), np.float32)
     loss_mask[len(prompt) - 1:len(tokens) - 1] = 1.0
-    return Example(tokens=tokens, loss_mask=loss_mask, embedding_indices=np.asarray(rows, np.int32), task=task)
+    return Example(tokens=tokens, loss_mask=loss_mask, embedding_indices=np.asarray(rows, np.int32), task=task,
+                   pool_mask=np.zeros(len(tokens), np.float32), target_indices=none)

@@ -161,6 +161,14 @@ def markdown(results: dict[str, Any], cosine_png: bool, concepts_png: bool) -> s
               _concept_table(results["concepts"], results["split"])]
     if concepts_png:
         parts += [f"![concept curves]({CONCEPTS_PNG})", ""]
+    if results.get("embed_prediction"):
+        parts += ["## Embedding prediction (text -> vector)", "",
+                  "cos(predicted, encoder): the ELM's embedding-prediction head on the true canonical text of each "
+                  "test trial, against the encoder's embedding of it; training mean: the mean training embedding "
+                  "as the prediction for every trial (what knowing nothing of the text gives).", "",
+                  "| predictor | cos (mean ± std) | median | n |", "|---|---|---|---|"]
+        parts += [f"| {name} | {_stat(row)} | {row['median']:.3f} | {row['n']} |"
+                  for name, row in results["embed_prediction"].items()] + [""]
     parts += ["## Novel vectors", "",
               "Gaussian: draws from a Gaussian fitted to the training embeddings, renormalised. Midpoint: normalised "
               "mean of two random training embeddings.", "", _novel_table(results["novel"]), "",

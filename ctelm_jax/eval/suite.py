@@ -31,6 +31,7 @@ from ctelm_jax.data.tasks import attribute_answer
 from ctelm_jax.eval import metrics, probes, prompts, report
 from ctelm_jax.models.build import build_elm
 from ctelm_jax.parallel.rules import as_rules, constrainer
+from ctelm_jax.text_embedding import embed_texts
 from ctelm_jax.train.inputs import load_splits
 from ctelm_jax.trained import load_run_config, load_trained, run_mesh
 from ctelm_jax.weights.default import encoder_dir
@@ -145,6 +146,15 @@ def evaluate_run(workdir: str | os.PathLike, sizes: EvalSizes = EvalSizes(), enc
         systems[name] = row
     lap("describe metrics")
 
+    embed_prediction = None
+    if model.embed_head is not None:
+        centroid = train.embeddings.mean(axis=0)
+        embed_prediction = {
+            "ELM": metrics.summary(metrics.cosine_rows(embed_texts(model, tokenizer, truths, sizes.batch_size),
+                                                       vectors)),
+            "training mean": metrics.summary(metrics.cosine_rows(np.broadcast_to(centroid, vectors.shape), vectors))}
+        lap("embedding prediction")
+
     attr_rows = _pick(len(held_out.records), sizes.n_attribute, np.random.default_rng(sizes.seed + 1))
     attr_fields = [render.fields(held_out.records[i]) for i in attr_rows]
     attr_cfg = prompts.sampling_config(tokenizer, sizes.attribute_max_new_tokens, sizes.batch_size)
@@ -204,7 +214,7 @@ def evaluate_run(workdir: str | os.PathLike, sizes: EvalSizes = EvalSizes(), enc
             "source": concepts_note, "definitions": {c.name: {"description": c.description, "positive": c.positive,
                                                               "negative": c.negative} for c in concepts.values()},
             "curves": curves},
-        "novel": novel, "timings_s": timings,
+        "novel": novel, "embed_prediction": embed_prediction, "timings_s": timings,
     }
     samples = [{"task": "describe", "system": name, "nctid": r["nctid"], "text": t, "truth": truth}
                for name, ts in texts.items() for r, t, truth in zip(records, ts, truths)]

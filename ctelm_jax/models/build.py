@@ -16,6 +16,7 @@ from jax.sharding import Mesh
 from ctelm_jax.errors import UserError, require_folder
 from ctelm_jax.models.adapter import Adapter, standardisation
 from ctelm_jax.models.elm import ELM
+from ctelm_jax.models.embed_head import EmbedHead
 from ctelm_jax.models.llama import Constrain, Llama, LlamaConfig, RopeScaling, no_constraint
 from ctelm_jax.models.lora import LoRAParam
 from ctelm_jax.parallel.mesh import make_mesh
@@ -111,6 +112,7 @@ class ModelSpec:
     seed: int
     placeholder_id: int
     pretrained: bool  # the decoder's base parameters come from its folder, not from the seed
+    embed_pred_weight: float = 0.0  # > 0: an embedding-prediction head whose loss has this weight
 
     def __hash__(self) -> int:
         return hash(repr(self))  # by value, also when a field read from JSON is a list (eos_token_id)
@@ -125,7 +127,9 @@ class ModelSpec:
                           param_dtype=jnp.dtype(self.cfg.param_dtype), dtype=jnp.dtype(self.cfg.dtype))
         if stats is not None:
             adapter.input_mean[...], adapter.input_scale[...] = stats
-        return ELM(decoder, adapter, self.placeholder_id)
+        head = EmbedHead(self.cfg.hidden_size, self.domain_dim, self.embed_pred_weight, rngs=rngs,
+                         param_dtype=jnp.dtype(self.cfg.param_dtype)) if self.embed_pred_weight > 0 else None
+        return ELM(decoder, adapter, self.placeholder_id, head)
 
     @property
     def fresh(self) -> nnx.filterlib.Filter:
@@ -140,7 +144,8 @@ def model_spec(model_cfg: Mapping[str, Any], tokenizer: Tokenizer) -> ModelSpec:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the decoder's vocabulary is {cfg.vocab_size}; "
                          "they do not belong together (set model.tokenizer to the decoder's tokenizer).")
     return ModelSpec(cfg, int(model_cfg["domain_dim"]), int(model_cfg["adapter_hidden"]), int(model_cfg["seed"]),
-                     tokenizer.placeholder_id, model_cfg["decoder"] != RANDOM)
+                     tokenizer.placeholder_id, model_cfg["decoder"] != RANDOM,
+                     float(model_cfg.get("embed_pred_weight", 0.0)))
 
 
 def abstract_elm(model_cfg: Mapping[str, Any], tokenizer: Tokenizer, constrain: Constrain = no_constraint) -> ELM:
@@ -181,6 +186,8 @@ def model_signature(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
     """What must match for a checkpoint to load into this model: architecture, adapter and LoRA shapes."""
     cfg = decoder_config(model_cfg)
     arch = cfg.to_hf_dict()
+    # "embed_head" only with a head, so that checkpoints written before heads existed still match.
     return {**{k: arch[k] for k in SHAPE_FIELDS}, "domain_dim": int(model_cfg["domain_dim"]),
             "adapter_hidden": int(model_cfg["adapter_hidden"]), "lora_rank": cfg.lora_rank,
-            "lora_targets": sorted(cfg.lora_targets) if cfg.lora_rank else [], "scan_layers": cfg.scan_layers}
+            "lora_targets": sorted(cfg.lora_targets) if cfg.lora_rank else [], "scan_layers": cfg.scan_layers,
+            **({"embed_head": True} if float(model_cfg.get("embed_pred_weight", 0.0)) > 0 else {})}

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ctelm_jax.models.adapter import Adapter
+from ctelm_jax.models.embed_head import EmbedHead
 from ctelm_jax.models.llama import KVCache, Llama
 
 
@@ -22,12 +23,14 @@ def splice(token_embeds: jax.Array, soft_tokens: jax.Array, is_placeholder: jax.
 
 
 class ELM(nnx.Module):
-    """decoder(splice(embed(tokens), adapter(embeddings))) -> next-token logits."""
+    """decoder(splice(embed(tokens), adapter(embeddings))) -> next-token logits; with an `embed_head`, also
+    text -> embedding from the decoder's hidden states (`models.embed_head`)."""
 
-    def __init__(self, decoder: Llama, adapter: Adapter, placeholder_id: int):
+    def __init__(self, decoder: Llama, adapter: Adapter, placeholder_id: int, embed_head: EmbedHead | None = None):
         self.decoder = decoder
         self.adapter = adapter
         self.placeholder_id = placeholder_id
+        self.embed_head = embed_head
 
     def input_embeddings(self, tokens: jax.Array, embeddings: jax.Array) -> jax.Array:
         """Token embeddings (B, T, D) with the adapter's soft tokens at the placeholder positions."""
@@ -39,8 +42,9 @@ class ELM(nnx.Module):
 
     def __call__(
         self, tokens: jax.Array, embeddings: jax.Array, *, positions: jax.Array | None = None,
-        segment_ids: jax.Array | None = None, cache: KVCache | None = None,
+        segment_ids: jax.Array | None = None, cache: KVCache | None = None, hidden: bool = False,
     ) -> tuple[jax.Array, KVCache | None]:
-        """Logits (B, T, V) float32 and the updated KV cache; `embeddings` is (B, E, d_domain)."""
+        """Logits (B, T, V) float32 (with `hidden`: final hidden states (B, T, D)) and the updated KV cache;
+        `embeddings` is (B, E, d_domain)."""
         x = self.input_embeddings(tokens, embeddings)
-        return self.decoder(embeds=x, positions=positions, segment_ids=segment_ids, cache=cache)
+        return self.decoder(embeds=x, positions=positions, segment_ids=segment_ids, cache=cache, hidden=hidden)

@@ -287,12 +287,19 @@ class Llama(nnx.Module):
         """Looks up input embeddings (B, T) -> (B, T, hidden) in the compute dtype."""
         return self.embed_tokens[...][tokens].astype(jnp.dtype(self.config.dtype))
 
+    def head(self, x: jax.Array) -> jax.Array:
+        """Logits (B, T, V) float32 of final normed hidden states (B, T, D)."""
+        head = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
+        logits = jnp.einsum("btd,dv->btv", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
+        return self.constrain(logits, ("batch", "length", "act_vocab"))
+
     def __call__(
         self, tokens: jax.Array | None = None, *, embeds: jax.Array | None = None,
         positions: jax.Array | None = None, segment_ids: jax.Array | None = None, cache: KVCache | None = None,
-        last_only: bool = False,
+        last_only: bool = False, hidden: bool = False,
     ) -> tuple[jax.Array, KVCache | None]:
-        """Logits (B, T, V) in float32 (B, 1, V for the last position only, as a prefill needs) and the updated cache.
+        """Logits (B, T, V) in float32 (B, 1, V for the last position only, as a prefill needs) and the updated cache;
+        with `hidden`, the final normed hidden states (B, T, D) instead of logits (`head` turns them into logits).
 
         `segment_ids` (B, T) mark which tokens may attend to which (equal ids, causally); 0 is padding.
         With a cache, the T new tokens are written at slot `cache['end']` and attend to every earlier slot.
@@ -344,9 +351,7 @@ class Llama(nnx.Module):
             new_kv = (tuple(ks), tuple(vs)) if has_cache else None
 
         x = self.norm(x[:, -1:] if last_only else x)
-        head = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
-        logits = jnp.einsum("btd,dv->btv", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
-        logits = self.constrain(logits, ("batch", "length", "act_vocab"))
+        logits = x if hidden else self.head(x)
         if not has_cache:
             return logits, None
         new_cache = {"k": new_kv[0], "v": new_kv[1], "segment_ids": key_segments, "end": start + t}

@@ -87,6 +87,8 @@ def _place_batch(batch: dict[str, np.ndarray], mesh, rules) -> dict[str, jax.Arr
 def _summarise(metrics: dict[str, Any], tasks: list[str]) -> dict[str, float]:
     out = {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"])}
     out.update({f"loss/{t}": v for t, v in task_losses(metrics, tasks).items()})
+    if float(metrics.get("embed_texts", 0)) > 0:
+        out["embed_cos"] = 1.0 - float(metrics["embed_loss"])  # cos(predicted, encoder) of the `embed` examples
     return out
 
 
@@ -280,12 +282,18 @@ def _as_dict(ts: TrainState) -> dict[str, Any]:
 def evaluate(eval_step, params, config, split, tokenizer, stage, mesh, rules, tasks) -> dict[str, float]:
     """Validation loss over a fixed set of batches (token-weighted), overall and per task."""
     sums, counts, total, tokens = np.zeros(len(tasks)), np.zeros(len(tasks)), 0.0, 0.0
+    cos_sum, texts = 0.0, 0.0
     for batch in inputs.eval_batches(config, split, tokenizer, stage):
         m = jax.device_get(eval_step(params, _place_batch(batch, mesh, rules)))
         sums += np.asarray(m["task_loss_sum"])
         counts += np.asarray(m["task_tokens"])
         total += float(m["loss"]) * float(m["target_tokens"])
         tokens += float(m["target_tokens"])
+        if "embed_texts" in m:
+            cos_sum += (1.0 - float(m["embed_loss"])) * float(m["embed_texts"])
+            texts += float(m["embed_texts"])
     out = {"loss": total / max(tokens, 1.0)}
     out.update({t: float(sums[i] / counts[i]) for i, t in enumerate(tasks) if counts[i] > 0})
+    if texts:
+        out["embed_cos"] = cos_sum / texts
     return out

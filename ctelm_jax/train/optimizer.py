@@ -15,7 +15,10 @@ _FIXED_LEAVES = ("input_mean", "input_scale")
 
 
 def group_of(path: tuple[Any, ...]) -> str:
-    """The group a parameter path belongs to: adapter, lora (LoRA factors), decoder (base weights) or fixed."""
+    """The group a parameter path belongs to: adapter (with the embedding-prediction head: the ELM's own new
+    parameters), lora (LoRA factors), decoder (base weights) or fixed."""
+    if path[0] == "embed_head":
+        return "adapter"
     if path[0] == "adapter":
         return FIXED if path[-1] in _FIXED_LEAVES else "adapter"
     return "lora" if "lora" in path else "decoder"

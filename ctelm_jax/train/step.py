@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
+from ctelm_jax.models.embed_head import cosine_loss, pool
 from ctelm_jax.train.optimizer import Params, combine, partition
 
 Batch = dict[str, jax.Array]
@@ -24,20 +25,34 @@ class TrainState:
     opt_state: optax.OptState
 
 
-def token_losses(model: nnx.Module, batch: Batch) -> jax.Array:
-    """Per-token negative log-likelihood of `targets` (B, T) under the ELM."""
-    logits, _ = model(batch["tokens"], batch["embeddings"], positions=batch["positions"],
-                      segment_ids=batch["segment_ids"])
+def token_losses(model: nnx.Module, batch: Batch, hidden: jax.Array | None = None) -> jax.Array:
+    """Per-token negative log-likelihood of `targets` (B, T) under the ELM (from its final `hidden` states if given)."""
+    if hidden is None:
+        logits, _ = model(batch["tokens"], batch["embeddings"], positions=batch["positions"],
+                          segment_ids=batch["segment_ids"])
+    else:
+        logits = model.decoder.head(hidden)
     logp = jax.nn.log_softmax(logits, axis=-1)
     # Ids past the vocabulary (the placeholder added to the tokenizer) are never scored; keep their gather in range.
     targets = jnp.where(batch["targets"] < logits.shape[-1], batch["targets"], 0)
     return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
 
 
+def embed_prediction(model: nnx.Module, batch: Batch, hidden: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(mean 1 - cos(predicted, encoder embedding), number of texts) of the batch's `embed` examples."""
+    pooled, counts = pool(hidden, batch["pool_ids"], batch["embed_targets"].shape[1])
+    return cosine_loss(model.embed_head(pooled), batch["embed_targets"], counts)
+
+
 def loss_and_metrics(model: nnx.Module, batch: Batch, num_tasks: int) -> tuple[jax.Array, Metrics]:
-    """Mean target-token loss and, per task, the summed loss and token count."""
+    """Mean target-token loss (plus the weighted embedding-prediction loss with a head) and, per task, the summed
+    loss and token count."""
+    hidden = None
+    if model.embed_head is not None:
+        hidden, _ = model(batch["tokens"], batch["embeddings"], positions=batch["positions"],
+                          segment_ids=batch["segment_ids"], hidden=True)
     mask = batch["loss_mask"].astype(jnp.float32)
-    nll = jnp.where(mask > 0, token_losses(model, batch), 0.0)
+    nll = jnp.where(mask > 0, token_losses(model, batch, hidden), 0.0)
     tokens = mask.sum()
     loss = (nll * mask).sum() / jnp.maximum(tokens, 1.0)
     onehot = jax.nn.one_hot(batch["task_ids"], num_tasks, dtype=jnp.float32) * mask[..., None]
@@ -45,6 +60,11 @@ def loss_and_metrics(model: nnx.Module, batch: Batch, num_tasks: int) -> tuple[j
         "loss": loss, "target_tokens": tokens,
         "task_loss_sum": jnp.einsum("bt,btk->k", nll, onehot), "task_tokens": onehot.sum((0, 1)),
     }
+    if hidden is not None:
+        embed_loss, texts = embed_prediction(model, batch, hidden)
+        metrics.update(embed_loss=embed_loss, embed_texts=texts)
+        loss = loss + model.embed_head.loss_weight * embed_loss
+        metrics["loss"] = loss
     return loss, metrics
 
 

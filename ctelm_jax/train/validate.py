@@ -37,7 +37,13 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int | None = No
     """Raises UserError when `config` cannot run on `num_devices` (default: all devices of the run): checked before
     anything is written, so a bad value fails at once with a message instead of mid-run."""
     check_sources(config)
-    Curriculum(config.stages, list(config.data.tasks))  # stage names, tasks, steps and learning rates
+    curriculum = Curriculum(config.stages, list(config.data.tasks))  # stage names, tasks, steps and learning rates
+    if float(config.model.get("embed_pred_weight", 0.0)) <= 0:
+        for stage in curriculum.stages:
+            if "embed" in stage.task_weights:
+                raise UserError(f"stage {stage.name!r} trains the embed task but model.embed_pred_weight is "
+                                f"{config.model.get('embed_pred_weight', 0.0)} (no embedding-prediction head); set "
+                                "--config.model.embed_pred_weight > 0, or drop embed from the stage's tasks.")
     for key in POSITIVE:
         if _value(config, key) <= 0:
             raise UserError(f"{key}={_value(config, key)}: must be positive; set --config.{key} to a number >= 1.")

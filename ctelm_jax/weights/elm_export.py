@@ -3,9 +3,21 @@
 The layout is OpenELM's: `model.safetensors` (sharded with an index above a size limit) holds the decoder under
 `LlamaForCausalLM` names plus `adapter.0.weight/bias` and `adapter.2.weight/bias` (the Linear -> ReLU -> Linear
 adapter as a `torch.nn.Sequential`, PyTorch (out, in) layout); `config.json` is the Llama config plus
-`dim_embed_domain`, `dim_adapter_hidden`, `placeholder_token(_id)` and the encoder's name. LoRA is either merged
+`dim_embed_domain`, `dim_adapter_hidden`, `placeholder_token(_id)` and the encoder's name. An embedding-prediction head
+(`models.embed_head`) is stored as `embed_head.weight/bias` (PyTorch layout) with its loss weight as
+`embed_pred_weight` in config.json. LoRA is either merged
 into the base weights or kept beside them as a PEFT adapter (`adapter_config.json`, `adapter_model.safetensors`).
 Tokenizer files (with chat template and placeholder token) and `generation_config.json` complete the folder.
+
+The placeholder's id has a row in the exported embedding table, so code that looks every input id up before splicing
+the adapter's output over the placeholders (OpenELM's `LlamaForEmbeddingLM`, plain Hugging Face code) runs. A reserved
+token of the decoder (Llama-3's) has one already. A placeholder added to the tokenizer (SmolLM2) has the id
+`vocab_size`: the export appends a zero row to `embed_tokens` (and to an untied `lm_head`), sets `vocab_size + 1` and
+`placeholder_row: true` in config.json (`import_elm` drops the row again). Every output on the decoder's vocabulary is
+unchanged: the row's input embedding is always overwritten by the splice, and its only output is one extra logit,
+exactly 0 (a zero row of the head, tied or not); the head cannot be given a row whose logit loses to every real one
+for every hidden state (there is no bias), so `generation_config.json` lists the placeholder in `suppress_tokens`, as
+ctelm_jax's own decoding bans it, and `generate` never emits it.
 
 Folders are written atomically on a local disk: into a hidden temporary sibling, renamed into place when complete.
 A remote folder (gs://) has no atomic rename; `staged_dir` says what is done there instead.
@@ -36,6 +48,7 @@ from ctelm_jax import fs
 from ctelm_jax.errors import UserError, is_disk_full
 from ctelm_jax.models.adapter import Adapter, folded_input_layer
 from ctelm_jax.models.elm import ELM
+from ctelm_jax.models.embed_head import EmbedHead
 from ctelm_jax.models.llama import Llama, LlamaConfig
 from ctelm_jax.models.lora import LoRAParam
 from ctelm_jax.trained import load_trained
@@ -43,13 +56,15 @@ from ctelm_jax.weights.hf import (
     CheckpointError, Tensors, decoder_from_hf, decoder_to_hf, lora_to_peft, read_config, read_tensors, write_tensors,
 )
 from ctelm_jax.weights.default import ENCODER_NAME
-from ctelm_jax.weights.tokenizer import PLACEHOLDER, Tokenizer
+from ctelm_jax.weights.tokenizer import Tokenizer
 
 ADAPTER_LAYERS = {"0": "fc_in", "2": "fc_out"}  # index in the torch Sequential -> Adapter attribute
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 GENERATION_CONFIG = "generation_config.json"
 PEFT_PREFIX = "base_model.model."
 CONFIG = "config.json"  # written last into a remote folder: a folder holding it is complete
+PLACEHOLDER_ROW = "placeholder_row"  # config.json: the table holds an appended row for the placeholder (module doc)
+VOCAB_TABLES = ("model.embed_tokens.weight", "lm_head.weight")  # HF tensors with one row per vocabulary id
 LORA_MODES = ("merge", "peft")
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 
@@ -90,6 +105,28 @@ def adapter_from_hf(adapter: Adapter, tensors: Tensors, source: str = "checkpoin
     adapter.input_scale[...] = jnp.ones_like(adapter.input_scale[...])
 
 
+def embed_head_to_hf(head: EmbedHead) -> Tensors:
+    """The head's Linear as `embed_head.{weight,bias}` numpy tensors (PyTorch (out, in) layout)."""
+    return {"embed_head.weight": np.ascontiguousarray(np.asarray(head.proj.kernel[...]).T),
+            "embed_head.bias": np.asarray(head.proj.bias[...])}
+
+
+def embed_head_from_hf(tensors: Tensors, hf: Mapping[str, Any], cfg: LlamaConfig,
+                       rngs: nnx.Rngs) -> EmbedHead | None:
+    """The embedding-prediction head of a folder's tensors, or None when it has none."""
+    if "embed_head.weight" not in tensors:
+        return None
+    weight = tensors["embed_head.weight"]
+    head = EmbedHead(cfg.hidden_size, int(hf["dim_embed_domain"]), float(hf.get("embed_pred_weight", 1.0)),
+                     rngs=rngs, param_dtype=jnp.dtype(cfg.param_dtype))
+    if weight.T.shape != head.proj.kernel[...].shape:
+        raise CheckpointError(f"tensor 'embed_head.weight' has shape {weight.shape}; config.json (dim_embed_domain, "
+                              f"hidden_size) implies {head.proj.kernel[...].shape[::-1]}.")
+    head.proj.kernel[...] = jnp.asarray(weight.T, head.proj.kernel[...].dtype)
+    head.proj.bias[...] = jnp.asarray(tensors["embed_head.bias"], head.proj.bias[...].dtype)
+    return head
+
+
 def _peft_key(path: tuple[Any, ...], layer: int) -> str:
     """The PEFT tensor name of a LoRA factor at `path` (…, module, proj, 'lora', 'a'|'b') in decoder layer `layer`."""
     module, proj, factor = path[-4], path[-3], path[-1]
@@ -118,13 +155,31 @@ def lora_from_peft(decoder: Llama, tensors: Tensors, source: str = "adapter") ->
         var[...] = value
 
 
+def needs_placeholder_row(model: ELM) -> bool:
+    """Whether the placeholder lies past the decoder's vocabulary (then the export appends its row)."""
+    vocab = model.decoder.config.vocab_size
+    if model.placeholder_id > vocab:
+        raise ValueError(f"placeholder id {model.placeholder_id} leaves a gap after the decoder's {vocab} rows; the "
+                         "tokenizer does not belong to this decoder.")
+    return model.placeholder_id == vocab
+
+
+def with_placeholder_row(tensors: Tensors) -> Tensors:
+    """`tensors` with a zero row appended to each vocabulary table (`VOCAB_TABLES`): the placeholder's."""
+    return {k: np.concatenate([v, np.zeros((1, v.shape[1]), v.dtype)]) if k in VOCAB_TABLES else v
+            for k, v in tensors.items()}
+
+
 def elm_hf_config(model: ELM, tokenizer: Tokenizer, extra_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The folder's `config.json`: the Llama config, the adapter's sizes, the placeholder and `extra_config`."""
+    row = needs_placeholder_row(model)
     return {
         **model.decoder.config.to_hf_dict(),
+        **({"vocab_size": model.decoder.config.vocab_size + 1, PLACEHOLDER_ROW: True} if row else {}),
         "dim_embed_domain": int(model.adapter.fc_in.kernel[...].shape[0]),
         "dim_adapter_hidden": int(model.adapter.fc_in.kernel[...].shape[1]),
         "placeholder_token": tokenizer.placeholder, "placeholder_token_id": int(tokenizer.placeholder_id),
+        **({"embed_pred_weight": model.embed_head.loss_weight} if model.embed_head is not None else {}),
         **dict(extra_config or {}),
     }
 
@@ -204,9 +259,13 @@ def export_elm(
                          f"{tokenizer.placeholder_id} ({tokenizer.placeholder!r}); they do not belong together.")
     out = check_target(out_dir, overwrite)
     tensors = {**decoder_to_hf(model.decoder, merge_lora=lora == "merge"), **adapter_to_hf(model.adapter)}
+    if model.embed_head is not None:
+        tensors.update(embed_head_to_hf(model.embed_head))
+    if needs_placeholder_row(model):
+        tensors = with_placeholder_row(tensors)
     hf = tokenizer.hf
     generation = {"bos_token_id": hf.bos_token_id, "eos_token_id": list(tokenizer.eos_ids),
-                  "pad_token_id": tokenizer.pad_id, "do_sample": False}
+                  "pad_token_id": tokenizer.pad_id, "do_sample": False, "suppress_tokens": [tokenizer.placeholder_id]}
     try:
         with staged_dir(out, overwrite) as tmp:
             write_tensors(tensors, tmp, max_shard_bytes)
@@ -254,7 +313,7 @@ def import_elm(
 
     A PEFT adapter in the folder sets the LoRA fields and its factors are loaded; without one, LoRA overrides give
     fresh factors (B = 0) on top of the (merged) weights. The tokenizer is the folder's unless given; its
-    placeholder is `placeholder`, else config.json's `placeholder_token`, else `<|embedding|>`.
+    placeholder is `placeholder`, else config.json's `placeholder_token`, else `tokenizer.default_placeholder`.
     """
     with fs.local_copy(folder) as local:
         return _import_local(local, tokenizer, placeholder, rngs, overrides)
@@ -264,6 +323,9 @@ def _import_local(folder: Path, tokenizer: Tokenizer | None, placeholder: str | 
                   overrides: dict[str, Any]) -> tuple[ELM, Tokenizer]:
     """`import_elm` of a local folder."""
     hf = read_config(folder)
+    row = bool(hf.get(PLACEHOLDER_ROW))
+    if row:
+        hf = {**hf, "vocab_size": int(hf["vocab_size"]) - 1}
     missing = [k for k in ("dim_embed_domain", "dim_adapter_hidden") if k not in hf]
     if missing:
         raise CheckpointError(f"{folder / CONFIG}: no {missing}; not an ELM folder (a plain Llama checkpoint "
@@ -275,12 +337,14 @@ def _import_local(folder: Path, tokenizer: Tokenizer | None, placeholder: str | 
                          "or export with lora='merge' to start new LoRA factors.")
     cfg = LlamaConfig.from_hf_dict(hf, **{**overrides, **lora})
     if tokenizer is None:
-        tokenizer = Tokenizer.from_dir(folder, placeholder or hf.get("placeholder_token") or PLACEHOLDER)
+        tokenizer = Tokenizer.from_dir(folder, placeholder or hf.get("placeholder_token"))
     if len(tokenizer) > cfg.vocab_size + 1:
         raise CheckpointError(f"{folder}: tokenizer has {len(tokenizer)} tokens but the decoder's vocabulary is "
                               f"{cfg.vocab_size}; they do not belong together.")
     rngs = rngs or nnx.Rngs(0)
     tensors = read_tensors(folder)
+    if row:  # the appended placeholder row (module doc) is not part of the decoder
+        tensors = {k: v[:-1] if k in VOCAB_TABLES else v for k, v in tensors.items()}
     decoder = Llama(cfg, rngs=rngs)
     decoder_from_hf(decoder, tensors, source=str(folder))
     adapter = Adapter(int(hf["dim_embed_domain"]), int(hf["dim_adapter_hidden"]), cfg.hidden_size, rngs=rngs,
@@ -293,7 +357,7 @@ def _import_local(folder: Path, tokenizer: Tokenizer | None, placeholder: str | 
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{weights}: missing or unreadable ({e}); {PEFT_CONFIG} needs it beside it.") from e
         lora_from_peft(decoder, peft_tensors, source=str(weights))
-    return ELM(decoder, adapter, tokenizer.placeholder_id), tokenizer
+    return ELM(decoder, adapter, tokenizer.placeholder_id, embed_head_from_hf(tensors, hf, cfg, rngs)), tokenizer
 
 
 def run_extras(

@@ -10,15 +10,25 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from ctelm_jax.errors import MissingInput
 
-PLACEHOLDER = "<|embedding|>"
+PLACEHOLDER = "<|embedding|>"  # added to a tokenizer that has no reserved token
+# Special tokens the decoder reserves and never generates, taken as the placeholder where the vocabulary has one (as
+# OpenELM does for Llama-3), so the placeholder's id lies inside the decoder's embedding table.
+RESERVED_PLACEHOLDERS = ("<|reserved_special_token_0|>",)
+
+
+def default_placeholder(hf: PreTrainedTokenizerBase) -> str:
+    """The tokenizer's first reserved special token (`RESERVED_PLACEHOLDERS`), else `PLACEHOLDER`."""
+    vocab = hf.get_vocab()
+    return next((t for t in RESERVED_PLACEHOLDERS if t in vocab), PLACEHOLDER)
 
 
 class Tokenizer:
     """Encodes prompts with the model's chat template; `placeholder_id` marks where a soft token goes."""
 
-    def __init__(self, hf: PreTrainedTokenizerBase, placeholder: str = PLACEHOLDER):
+    def __init__(self, hf: PreTrainedTokenizerBase, placeholder: str | None = None):
         if not hf.chat_template:
             raise ValueError("the tokenizer has no chat template; ctelm_jax prompts need one (tokenizer_config.json).")
+        placeholder = placeholder or default_placeholder(hf)
         if placeholder not in hf.get_vocab():
             hf.add_special_tokens({"additional_special_tokens": [placeholder]})
         self.hf = hf
@@ -30,7 +40,7 @@ class Tokenizer:
         self.pad_id: int = hf.pad_token_id if hf.pad_token_id is not None else self.eos_ids[0]
 
     @classmethod
-    def from_dir(cls, path: str | os.PathLike, placeholder: str = PLACEHOLDER) -> "Tokenizer":
+    def from_dir(cls, path: str | os.PathLike, placeholder: str | None = None) -> "Tokenizer":
         """Loads `tokenizer.json` + `tokenizer_config.json` (with chat template) from a folder."""
         path = Path(path)
         if not (path / "tokenizer.json").is_file():
@@ -38,7 +48,7 @@ class Tokenizer:
         return cls(AutoTokenizer.from_pretrained(str(path)), placeholder)
 
     @classmethod
-    def from_gguf(cls, gguf_path: str | os.PathLike, placeholder: str = PLACEHOLDER) -> "Tokenizer":
+    def from_gguf(cls, gguf_path: str | os.PathLike, placeholder: str | None = None) -> "Tokenizer":
         """Builds the tokenizer and chat template stored in a GGUF file's metadata."""
         gguf_path = Path(gguf_path)
         return cls(AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name), placeholder)
