@@ -13,6 +13,7 @@ from ctelm_jax.models.build import check_model_sources, decoder_config
 from ctelm_jax.parallel.mesh import MESH_AXES, resolve_mesh_shape
 from ctelm_jax.parallel.rules import as_rules, logical_to_spec
 from ctelm_jax.train.curriculum import Curriculum
+from ctelm_jax.train.precision import frozen_dtype
 
 # Keys that count something a run needs at least one of, and keys where 0 switches a feature off.
 POSITIVE = ("data.seq_len", "data.global_batch_size", "data.max_embeddings_per_row", "checkpoint.every_steps",
@@ -38,6 +39,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int | None = No
     anything is written, so a bad value fails at once with a message instead of mid-run."""
     check_sources(config)
     Curriculum(config.stages, list(config.data.tasks))  # stage names, tasks, steps and learning rates
+    frozen_dtype(config.model)
     for key in POSITIVE:
         if _value(config, key) <= 0:
             raise UserError(f"{key}={_value(config, key)}: must be positive; set --config.{key} to a number >= 1.")
