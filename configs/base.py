@@ -17,6 +17,8 @@ def base_config() -> ml_collections.ConfigDict:
         arch=ml_collections.ConfigDict(),  # LlamaConfig fields: the random decoder's shape, or the shape a pretrained
                                     # folder must have (checked at start; the sizing and AOT tools read it)
         dtype="float32", param_dtype="float32", scan_layers=False, remat_policy="none",
+        frozen_dtype="float32",     # storage of the groups no stage trains (the frozen base): 'bfloat16' halves it;
+                                    # trained groups keep param_dtype masters (train/precision.py)
         lora_rank=16, lora_alpha=32.0, lora_targets=("q_proj", "k_proj"),
         domain_dim=384, adapter_hidden=1024, seed=0,
         standardize_adapter_input=True,  # adapter sees (e - train mean) / train spread; False = OpenELM's raw e

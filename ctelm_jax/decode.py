@@ -1,6 +1,7 @@
 """Decode text from trial embeddings with a trained run: describe, compare, ask, interpolate, move along a concept.
 
     python -m ctelm_jax.decode --workdir=runs/default --mode=describe --nctids=NCT00000102,NCT00000104
+    python -m ctelm_jax.decode --workdir=runs/default --mode=describe --nctids=NCT00000102 --quantize=int8
     python -m ctelm_jax.decode --workdir=runs/default --mode=describe --texts="Phase: phase 2 ..." --texts="..."
     python -m ctelm_jax.decode --workdir=runs/default --mode=compare --npy=two_vectors.npy
     python -m ctelm_jax.decode --workdir=runs/default --mode=ask --nctids=NCT00000102 \
@@ -37,6 +38,7 @@ from ctelm_jax.errors import MissingInput, entry_point
 from ctelm_jax.eval import prompts
 from ctelm_jax.generate import SamplingConfig
 from ctelm_jax.models.elm import ELM
+from ctelm_jax.models.quantize import QUANTIZE_MODES, quantize_elm
 from ctelm_jax.weights.tokenizer import Tokenizer
 
 MODES = ("describe", "compare", "ask", "interpolate", "concept", "embed")
@@ -183,6 +185,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("no_repeat_ngram_size", 0, "Never repeat an n-gram of the generated tokens (0: off).")
     flags.DEFINE_integer("batch_size", 16, "Decoding batch size.")
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
+    flags.DEFINE_enum("quantize", "none", QUANTIZE_MODES,
+                      "Weight-only quantisation for decoding: int8 holds the decoder's matrices as int8 with one scale "
+                      "per output channel (a quarter of float32's bytes).")
 
 
 def _input_vectors(f: flags.FlagValues, workdir: epath.Path, config: Any,
@@ -231,6 +236,7 @@ def decode(f: flags.FlagValues) -> None:
     if f.mode == "embed":
         embed(f, model, tokenizer, config)
         return
+    model = quantize_elm(model, f.quantize)
     labels, vectors = _input_vectors(f, workdir, config, tokenizer)
     jobs = make_jobs(f.mode, tokenizer, labels, vectors, question=f.question, steps=f.steps,
                      strengths=[float(s) for s in f.strengths], concept=concept)

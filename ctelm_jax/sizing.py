@@ -13,7 +13,8 @@ The model of one step's peak (per device, bytes):
   gathered weights   fsdp > 1: the LM head all-gathered over fsdp (and the embedding table when tensor > 1 too:
                      XLA replicates a table split on both axes for the lookup) and layer weights (one layer with
                      scan_layers; all layers without, as XLA hoists the all-gathers of unrolled layers)
-  cast copies        param_dtype != dtype: the decoder's weights in the compute dtype (conservative: TPU may fuse it)
+  cast copies        the decoder's weights stored in another dtype than the compute dtype (param_dtype, or frozen_dtype
+                     for groups no stage trains), copied into it (conservative: TPU may fuse it)
 `tests/test_sizing.py` checks the total against XLA's compiled memory analysis.
 """
 
@@ -43,6 +44,7 @@ from ctelm_jax.train.checkpoint import abstract_like
 from ctelm_jax.train.curriculum import Curriculum
 from ctelm_jax.train.metrics import train_flops_per_token
 from ctelm_jax.train.optimizer import GROUPS, group_of
+from ctelm_jax.train.precision import cast_frozen, frozen_dtype, frozen_groups
 from ctelm_jax.train.stage_step import stage_step
 
 GiB = 2**30
@@ -120,25 +122,31 @@ def _shard_bytes(shape: Sequence[int], itemsize: int, spec: PartitionSpec, mesh_
     return total
 
 
-def param_table(model_cfg: Mapping[str, Any], mesh_shape: Mapping[str, int], rules: Rules) -> list[ParamInfo]:
-    """Every parameter of the ELM with its per-device bytes under the logical rules on a mesh of this shape."""
+def param_table(model_cfg: Mapping[str, Any], mesh_shape: Mapping[str, int], rules: Rules,
+                stages: Sequence[Mapping[str, Any]] = ()) -> list[ParamInfo]:
+    """Every parameter of the ELM with its per-device bytes under the logical rules on a mesh of this shape; with the
+    curriculum's `stages`, the groups none of them trains are held in `model.frozen_dtype` (`train.precision`)."""
     model_json = json.dumps(dict(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else model_cfg), sort_keys=True)
-    return list(_param_table(model_json, tuple(mesh_shape[a] for a in MESH_AXES), rules))
+    frozen = tuple(sorted(frozen_groups(stages))) if stages else ()
+    return list(_param_table(model_json, tuple(mesh_shape[a] for a in MESH_AXES), rules, frozen))
 
 
 @functools.lru_cache(maxsize=16)
-def _param_table(model_json: str, mesh_sizes: tuple[int, ...], rules: Rules) -> tuple[ParamInfo, ...]:
+def _param_table(model_json: str, mesh_sizes: tuple[int, ...], rules: Rules,
+                 frozen: tuple[str, ...]) -> tuple[ParamInfo, ...]:
     """`param_table` on a hashable key (recommend sizes one model many times)."""
     mesh_shape = dict(zip(MESH_AXES, mesh_sizes))
     mesh = AbstractMesh(mesh_sizes, MESH_AXES)
-    _, state = nnx.split(abstract_elm(ml_collections.ConfigDict(json.loads(model_json))))
+    model_cfg = ml_collections.ConfigDict(json.loads(model_json))
+    _, state = nnx.split(abstract_elm(model_cfg))
     out = []
     for path, var in nnx.to_flat_state(state):
         value = var.get_value()
         spec = logical_to_spec(var.get_metadata().get("out_sharding"), rules, mesh)
-        itemsize = jnp.dtype(value.dtype).itemsize
         keys = tuple(str(p) for p in path)
-        out.append(ParamInfo(keys, tuple(value.shape), str(value.dtype), group_of(keys),
+        dtype = frozen_dtype(model_cfg) if group_of(keys) in frozen else jnp.dtype(value.dtype)
+        itemsize = dtype.itemsize
+        out.append(ParamInfo(keys, tuple(value.shape), str(dtype), group_of(keys),
                              _shard_bytes(value.shape, itemsize, spec, mesh_shape),
                              _shard_bytes(value.shape, itemsize, spec, mesh_shape, skip="fsdp")))
     return tuple(out)
@@ -188,13 +196,13 @@ def size(config: ml_collections.ConfigDict, num_devices: int | None = None,
     mesh_shape = dict(zip(MESH_AXES, resolve_mesh_shape(dict(config.mesh), num_devices)))
     rules = as_rules(config.rules)
     cfg = decoder_config(config.model)
-    params = param_table(config.model, mesh_shape, rules)
+    params = param_table(config.model, mesh_shape, rules, config.stages)
     batch_rows = mesh_shape["data"] * mesh_shape["fsdp"]
     if per_device_batch is None:
         per_device_batch = math.ceil(int(config.data.global_batch_size) / batch_rows)
     seq_len = int(config.data.seq_len)
     tokens = per_device_batch * seq_len
-    c, p = jnp.dtype(cfg.dtype).itemsize, jnp.dtype(cfg.param_dtype).itemsize
+    c = jnp.dtype(cfg.dtype).itemsize
     tensor, fsdp = mesh_shape["tensor"], mesh_shape["fsdp"]
 
     param_bytes = sum(x.device_bytes for x in params)
@@ -205,7 +213,8 @@ def size(config: ml_collections.ConfigDict, num_devices: int | None = None,
     table_gathered = max(x.gathered_bytes for x in params if x.path[-1] in ("embed_tokens", "lm_head"))
     tables = 1 if tensor == 1 else 2  # XLA replicates a table split on both axes for the lookup (and warns)
     gathered = 0 if fsdp == 1 else tables * table_gathered + layer_gathered * (1 if cfg.scan_layers else cfg.num_layers)
-    cast = 0 if c == p else sum(x.device_bytes for x in params if x.group == "decoder") * c // p
+    cast = sum(x.device_bytes * c // jnp.dtype(x.dtype).itemsize for x in params
+               if x.group == "decoder" and jnp.dtype(x.dtype) != jnp.dtype(cfg.dtype))
     logits = tokens * math.ceil(cfg.vocab_size / tensor) * 4 * (4 if num_devices == 1 else 3)
 
     stages = []
@@ -252,6 +261,25 @@ def recommend(config: ml_collections.ConfigDict, device_memory_bytes: float, num
     return size(config, num_devices, per_device_batch=lo)
 
 
+def recommend_mesh(config: ml_collections.ConfigDict, device_memory_bytes: float, num_devices: int | None = None,
+                   margin: float = 0.15) -> tuple[dict[str, int], str]:
+    """(mesh, why): a run whose stages never train the decoder (adapter / LoRA) gets data parallelism over every device
+    with the base replicated where that fits at a per-device batch of 1 under (1 - margin) of device memory (no
+    all-gathers), else FSDP over every device; a run that trains the decoder gets FSDP."""
+    n = jax.device_count() if num_devices is None else num_devices
+    fsdp = dict(data=1, fsdp=n, tensor=1)
+    if any("decoder" in s["trainable"] for s in config.stages):
+        return fsdp, "a stage trains the decoder: FSDP shards its weights, gradients and AdamW moments"
+    replicated = config.copy_and_resolve_references()
+    replicated.mesh = ml_collections.ConfigDict(dict(data=n, fsdp=1, tensor=1))
+    sized = size(replicated, n, per_device_batch=1)
+    held = f"the replicated base ({sized.param_bytes / GiB:.2f} GiB of parameters per device) peaks at " \
+           f"{sized.peak_bytes / GiB:.2f} GiB at 1 row per device"
+    if sized.peak_bytes <= (1.0 - margin) * device_memory_bytes:
+        return replicated.mesh.to_dict(), f"{held}: it fits, data parallelism needs no all-gathers"
+    return fsdp, f"{held}: more than {1 - margin:.0%} of device memory, so FSDP"
+
+
 def format_table(s: Sizing, device_memory_bytes: float | None = None) -> str:
     """A plain-text table of a sizing: shared parts, then one column per stage."""
     gib = lambda b: f"{b / GiB:.2f}"  # noqa: E731
@@ -286,7 +314,8 @@ def abstract_params(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[nnx.
     rules = as_rules(config.rules)
     graphdef, state = nnx.split(abstract_elm(config.model, constrainer(mesh, rules)))
     shardings = nnx.to_pure_dict(state_shardings(state, mesh, rules))
-    return graphdef, abstract_like(nnx.to_pure_dict(state), shardings), shardings
+    params = cast_frozen(abstract_like(nnx.to_pure_dict(state), shardings), config.model, config.stages)
+    return graphdef, params, shardings
 
 
 def abstract_batch(config: ml_collections.ConfigDict, mesh: Mesh, global_batch: int | None = None) -> dict:
@@ -332,6 +361,8 @@ def main(argv: list[str]) -> None:
     sizing = size(config, num_devices)
     print(format_table(sizing, memory))
     if memory:
+        mesh, why = recommend_mesh(config, memory, num_devices)
+        print("\nrecommended mesh: " + " ".join(f"--config.mesh.{k}={v}" for k, v in mesh.items()) + f" ({why})")
         best = recommend(config, memory, num_devices)
         print(f"\nrecommended for {_MEMORY_GIB.value:g} GiB per device (15% margin): per-device batch "
               f"{best.per_device_batch} -> --config.data.global_batch_size={best.global_batch}")

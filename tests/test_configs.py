@@ -79,7 +79,7 @@ def shrunk(name: str):
 def test_every_shipped_config_trains_every_stage(name, tmp_path):
     config = shrunk(name)
     as_shipped = shipped(name)
-    for key in ("dtype", "param_dtype", "scan_layers", "remat_policy", "lora_rank", "lora_targets"):
+    for key in ("dtype", "param_dtype", "frozen_dtype", "scan_layers", "remat_policy", "lora_rank", "lora_targets"):
         assert config.model[key] == as_shipped.model[key], key
     keep = ("name", "tasks", "trainable", "learning_rate")
     assert [{k: s[k] for k in keep} for s in config.stages] == [{k: s[k] for k in keep} for s in as_shipped.stages]

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from configs import default, llama31_8b_h100x8, llama31_8b_v5p8, tiny
+from configs import default, llama31_8b_full_v5p, llama31_8b_h100x8, llama31_8b_v5p8, tiny
 from ctelm_jax import sizing
 from ctelm_jax.models.build import decoder_config
 from ctelm_jax.models.llama import init_cache
@@ -149,6 +149,29 @@ def test_llama31_8b_configs_use_the_recommended_batch(module, devices, memory, r
     assert sized.peak_bytes <= 0.85 * memory
 
 
+def test_lora_mesh_replicates_a_bf16_base_where_it_fits():
+    """Llama-3.1-8B LoRA recipe on 4 devices: with the frozen base in bf16 (2 bytes a weight, no compute-dtype copy)
+    data parallelism over a replicated base is recommended exactly when its batch-1 peak fits under 85% of memory."""
+    config = llama31_8b_v5p8.get_config()
+    config.model.frozen_dtype = "bfloat16"
+    sized = sizing.size(config, 4)
+    base = [x for x in sizing.param_table(config.model, sized.mesh, as_rules(config.rules), config.stages)
+            if x.group == "decoder"]
+    assert {x.dtype for x in base} == {"bfloat16"} and sized.cast_copy_bytes == 0
+    assert 2 * 8.03e9 / 4 < sum(x.device_bytes for x in base) < 2 * 8.04e9 / 4  # fsdp=4 in the config
+    replicated, fsdp = dict(data=4, fsdp=1, tensor=1), dict(data=1, fsdp=4, tensor=1)
+    one_row = config.copy_and_resolve_references()
+    one_row.mesh.data, one_row.mesh.fsdp = 4, 1
+    peak = sizing.size(one_row, 4, per_device_batch=1).peak_bytes
+    assert sizing.recommend_mesh(config, 1.01 * peak / 0.85, 4)[0] == replicated
+    assert sizing.recommend_mesh(config, 0.99 * peak / 0.85, 4)[0] == fsdp
+    assert sizing.recommend_mesh(config, 95 * GiB, 4)[0] == replicated  # v5p
+    assert sizing.recommend_mesh(config, 16 * GiB, 4)[0] == fsdp  # v5e
+    config.model.frozen_dtype = "float32"  # 30 GiB of replicated f32 weights + their bf16 copies do not fit in 40
+    assert sizing.recommend_mesh(config, 40 * GiB, 4)[0] == fsdp
+    assert sizing.recommend_mesh(llama31_8b_full_v5p.get_config(), 95 * GiB, 4)[0] == fsdp  # trains the decoder
+
+
 def test_cli_prints_the_table():
     out = subprocess.run(
         [sys.executable, "-m", "ctelm_jax.sizing", "--config=configs/tiny.py", "--num_devices=8", "--memory_gib=1",
@@ -157,3 +180,4 @@ def test_cli_prints_the_table():
     assert out.returncode == 0, out.stderr[-3000:]
     assert "total per device (GiB)" in out.stdout and "'fsdp': 2" in out.stdout
     assert "recommended for 1 GiB per device" in out.stdout
+    assert "recommended mesh: --config.mesh.data=8 --config.mesh.fsdp=1 --config.mesh.tensor=1" in out.stdout

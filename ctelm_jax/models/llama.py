@@ -287,11 +287,10 @@ class Llama(nnx.Module):
         """Looks up input embeddings (B, T) -> (B, T, hidden) in the compute dtype."""
         return self.embed_tokens[...][tokens].astype(jnp.dtype(self.config.dtype))
 
-    def head(self, x: jax.Array) -> jax.Array:
-        """Logits (B, T, V) float32 of final normed hidden states (B, T, D)."""
+    def logits(self, x: jax.Array) -> jax.Array:
+        """Logits (B, T, V) float32 of final hidden states (B, T, hidden): the LM head (the embedding when tied)."""
         head = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
-        logits = jnp.einsum("btd,dv->btv", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
-        return self.constrain(logits, ("batch", "length", "act_vocab"))
+        return jnp.einsum("btd,dv->btv", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
 
     def __call__(
         self, tokens: jax.Array | None = None, *, embeds: jax.Array | None = None,
@@ -351,7 +350,7 @@ class Llama(nnx.Module):
             new_kv = (tuple(ks), tuple(vs)) if has_cache else None
 
         x = self.norm(x[:, -1:] if last_only else x)
-        logits = x if hidden else self.head(x)
+        logits = x if hidden else self.constrain(self.logits(x), ("batch", "length", "act_vocab"))
         if not has_cache:
             return logits, None
         new_cache = {"k": new_kv[0], "v": new_kv[1], "segment_ids": key_segments, "end": start + t}

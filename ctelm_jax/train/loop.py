@@ -29,6 +29,7 @@ from ctelm_jax.train import inputs, workdir_lock
 from ctelm_jax.train.checkpoint import Checkpointer
 from ctelm_jax.train.curriculum import Curriculum
 from ctelm_jax.train.metrics import EventWriter, peak_flops_per_device, task_losses, train_flops_per_token
+from ctelm_jax.train.precision import cast_frozen
 from ctelm_jax.train.stage_step import stage_step
 from ctelm_jax.train.step import TrainState, make_eval_step
 from ctelm_jax.train.validate import check_config
@@ -127,7 +128,8 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption: P
             graphdef, state = nnx.split(model)
             del model
             param_shardings = nnx.to_pure_dict(state_shardings(state, mesh, rules))
-            params = nnx.to_pure_dict(state)  # created in their shards on the mesh: nothing to place
+            # Created in their shards on the mesh: nothing to place. Groups no stage trains in model.frozen_dtype.
+            params = cast_frozen(nnx.to_pure_dict(state), config.model, config.stages)
             del state
     except Interrupted:
         return summary

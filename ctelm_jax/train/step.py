@@ -31,7 +31,7 @@ def token_losses(model: nnx.Module, batch: Batch, hidden: jax.Array | None = Non
         logits, _ = model(batch["tokens"], batch["embeddings"], positions=batch["positions"],
                           segment_ids=batch["segment_ids"])
     else:
-        logits = model.decoder.head(hidden)
+        logits = model.decoder.logits(hidden)
     logp = jax.nn.log_softmax(logits, axis=-1)
     # Ids past the vocabulary (the placeholder added to the tokenizer) are never scored; keep their gather in range.
     targets = jnp.where(batch["targets"] < logits.shape[-1], batch["targets"], 0)

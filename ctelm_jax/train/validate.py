@@ -13,6 +13,7 @@ from ctelm_jax.models.build import check_model_sources, decoder_config
 from ctelm_jax.parallel.mesh import MESH_AXES, resolve_mesh_shape
 from ctelm_jax.parallel.rules import as_rules, logical_to_spec
 from ctelm_jax.train.curriculum import Curriculum
+from ctelm_jax.train.precision import frozen_dtype
 
 # Keys that count something a run needs at least one of, and keys where 0 switches a feature off.
 POSITIVE = ("data.seq_len", "data.global_batch_size", "data.max_embeddings_per_row", "checkpoint.every_steps",
@@ -44,6 +45,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int | None = No
                 raise UserError(f"stage {stage.name!r} trains the embed task but model.embed_pred_weight is "
                                 f"{config.model.get('embed_pred_weight', 0.0)} (no embedding-prediction head); set "
                                 "--config.model.embed_pred_weight > 0, or drop embed from the stage's tasks.")
+    frozen_dtype(config.model)
     for key in POSITIVE:
         if _value(config, key) <= 0:
             raise UserError(f"{key}={_value(config, key)}: must be positive; set --config.{key} to a number >= 1.")

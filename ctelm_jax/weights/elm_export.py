@@ -69,10 +69,11 @@ LORA_MODES = ("merge", "peft")
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 
 
-def adapter_to_hf(adapter: Adapter) -> Tensors:
-    """The adapter as `adapter.{0,2}.{weight,bias}` numpy tensors (PyTorch (out, in) layout), its input
-    standardisation folded into `adapter.0` so that the file is the plain Linear -> ReLU -> Linear of OpenELM."""
-    dtype = np.asarray(adapter.fc_in.kernel[...]).dtype
+def adapter_to_hf(adapter: Adapter, dtype: np.dtype | None = None) -> Tensors:
+    """The adapter as `adapter.{0,2}.{weight,bias}` numpy tensors (PyTorch (out, in) layout) in `dtype` (default: its
+    kernel's), its input standardisation folded into `adapter.0` so that the file is the plain Linear -> ReLU ->
+    Linear of OpenELM."""
+    dtype = np.asarray(adapter.fc_in.kernel[...]).dtype if dtype is None else dtype
     out: Tensors = {}
     for index, attr in ADAPTER_LAYERS.items():
         dense = getattr(adapter, attr)
@@ -258,7 +259,7 @@ def export_elm(
         raise ValueError(f"the model's placeholder id {model.placeholder_id} is not the tokenizer's "
                          f"{tokenizer.placeholder_id} ({tokenizer.placeholder!r}); they do not belong together.")
     out = check_target(out_dir, overwrite)
-    tensors = {**decoder_to_hf(model.decoder, merge_lora=lora == "merge"), **adapter_to_hf(model.adapter)}
+    tensors = {**decoder_to_hf(model.decoder, merge_lora=lora == "merge"), **adapter_to_hf(model.adapter, jnp.dtype(cfg.param_dtype))}
     if model.embed_head is not None:
         tensors.update(embed_head_to_hf(model.embed_head))
     if needs_placeholder_row(model):

@@ -244,9 +244,11 @@ def read_decoder(ckpt_dir: str | os.PathLike, model: Llama,
 
 
 def decoder_to_hf(model: Llama, merge_lora: bool = True) -> Tensors:
-    """The decoder's parameters as HF-named numpy tensors; LoRA updates merged into their base kernels if asked."""
+    """The decoder's parameters as HF-named numpy tensors in `param_dtype` (also when the frozen base is held in
+    another dtype, `train.precision`); LoRA updates merged into their base kernels if asked."""
     cfg = model.config
-    flat = {path: np.asarray(var[...]) for path, var in _base_params(model)}
+    dtype = np.dtype(jnp.dtype(cfg.param_dtype))
+    flat = {path: np.asarray(var[...]).astype(dtype, copy=False) for path, var in _base_params(model)}
     if merge_lora and cfg.lora_rank > 0:
         lora = dict(nnx.to_flat_state(nnx.state(model, LoRAParam)))
         for path in {p[:-1] for p in lora}:
@@ -271,7 +273,7 @@ def lora_to_peft(model: Llama) -> Tensors:
     for path, var in nnx.to_flat_state(nnx.state(model, LoRAParam)):
         *mod, factor = path
         name, _ = _hf_name(tuple(mod[:-1]) + ("kernel",))
-        value = np.asarray(var[...])
+        value = np.asarray(var[...]).astype(jnp.dtype(model.config.param_dtype), copy=False)
         names = [(name.format(i=i), value[i]) for i in range(model.config.num_layers)] if "{i}" in name else [(name, value)]
         for n, v in names:
             key = "base_model.model." + re.sub(r"\.weight$", "", n) + (".lora_A.weight" if factor == "a" else ".lora_B.weight")
