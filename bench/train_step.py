@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/train_step.py [--reps=3] [--steps=3] [--batch=4] [--seq=256] [--settings=lora,full]
     .venv/bin/python bench/train_step.py --model=1b --settings=lora --batch=1 --reps=2 --steps=2
+    .venv/bin/python bench/train_step.py --dtype=bfloat16      # both compute in bf16 (torch: CPU autocast)
 
 `--model=default` is the embedded SmolLM2-135M-Instruct; `--model=1b` a randomly initialised decoder of
 Llama-3.2-1B's shape (16 layers, hidden 2048, 32 / 8 heads, vocab 128,256, tied), the 1B class that fits in this
@@ -32,12 +33,13 @@ LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num
                 num_kv_heads=8, rope_theta=500000.0, tie_word_embeddings=True, max_position_embeddings=4096)
 
 
-def model_config(model: str):
-    """The `model` section of a config for the benchmarked decoder."""
+def model_config(model: str, dtype: str = "float32"):
+    """The `model` section of a config for the benchmarked decoder, computing in `dtype` (f32 parameters)."""
     from configs.base import base_config
 
     c = base_config()
     c.model.lora_rank, c.model.lora_alpha, c.model.lora_targets = LORA_RANK, LORA_ALPHA, LORA_TARGETS
+    c.model.dtype = dtype
     if model == "1b":
         c.model.decoder, c.model.tokenizer, c.model.arch = "random", "default", dict(LLAMA_1B)
     return c.model
@@ -58,7 +60,7 @@ def make_batch(batch: int, seq: int, vocab: int, placeholder: int) -> dict[str, 
             "embed_targets": np.zeros((batch, 2, DOMAIN), np.float32)}
 
 
-def jax_worker(setting: str, batch: dict, steps: int, model: str) -> list[float]:
+def jax_worker(setting: str, batch: dict, steps: int, model: str, dtype: str) -> list[float]:
     """Step times of ctelm_jax's compiled train step."""
     import jax
     import jax.numpy as jnp
@@ -69,7 +71,7 @@ def jax_worker(setting: str, batch: dict, steps: int, model: str) -> list[float]
     from ctelm_jax.train.optimizer import make_optimizer, param_labels
     from ctelm_jax.train.step import TrainState, make_train_step
 
-    m = model_config(model)
+    m = model_config(model, dtype)
     graphdef, state = nnx.split(build_elm(m, load_tokenizer(m)))
     params = nnx.to_pure_dict(state)
     labels = param_labels(params, ("adapter", "lora") if setting == "lora" else ("adapter", "decoder"))
@@ -86,8 +88,9 @@ def jax_worker(setting: str, batch: dict, steps: int, model: str) -> list[float]
     return times[1:]
 
 
-def torch_worker(setting: str, batch: dict, steps: int, model_name: str, placeholder: int) -> list[float]:
-    """Step times of transformers' LlamaForCausalLM (+ PEFT LoRA) with the same adapter splice and loss."""
+def torch_worker(setting: str, batch: dict, steps: int, model_name: str, placeholder: int, dtype: str) -> list[float]:
+    """Step times of transformers' LlamaForCausalLM (+ PEFT LoRA) with the same adapter splice and loss; bfloat16:
+    under CPU autocast (f32 parameters, bf16 matmuls), as ctelm_jax's dtype=bfloat16 computes."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig as HFLlamaConfig
@@ -118,10 +121,11 @@ def torch_worker(setting: str, batch: dict, steps: int, model_name: str, placeho
     for _ in range(steps + 1):
         t = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        x = model.get_input_embeddings()(tokens.masked_fill(is_ph, 0))
-        soft = adapter(emb)
-        x = torch.where(is_ph[..., None], torch.gather(soft, 1, slot[..., None].expand(-1, -1, x.shape[-1])), x)
-        logits = model(inputs_embeds=x).logits.float()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            x = model.get_input_embeddings()(tokens.masked_fill(is_ph, 0))
+            soft = adapter(emb)
+            x = torch.where(is_ph[..., None], torch.gather(soft, 1, slot[..., None].expand(-1, -1, x.shape[-1])), x)
+            logits = model(inputs_embeds=x).logits.float()
         nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
         loss = (nll * mask.flatten()).sum() / mask.sum()
         loss.backward()
@@ -139,9 +143,9 @@ def worker(args: argparse.Namespace) -> None:
     tok = Tokenizer.from_dir(default_decoder_dir())
     batch = make_batch(args.batch, args.seq, 49152 - 1, tok.placeholder_id)
     if args.framework == "jax":
-        times = jax_worker(args.setting, batch, args.steps, args.model)
+        times = jax_worker(args.setting, batch, args.steps, args.model, args.dtype)
     else:
-        times = torch_worker(args.setting, batch, args.steps, args.model, tok.placeholder_id)
+        times = torch_worker(args.setting, batch, args.steps, args.model, tok.placeholder_id, args.dtype)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # GiB (ru_maxrss is KiB on Linux)
     print("RESULT " + json.dumps({"times": times, "peak_gib": peak}))
 
@@ -155,6 +159,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--settings", default="lora,full")
     p.add_argument("--model", default="default", choices=("default", "1b"))
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype of both")
     p.add_argument("--framework")
     p.add_argument("--setting")
     args = p.parse_args()
@@ -167,14 +172,15 @@ def main() -> None:
     cfg = decoder_config(model_config(args.model))
     peak_flops = measure_matmul_flops(jnp.float32)
     tokens = args.batch * args.seq
-    print(f"machine peak (measured fp32 matmul): {peak_flops / 1e9:.1f} GFLOP/s; batch {args.batch}x{args.seq}")
+    print(f"machine peak (measured fp32 matmul): {peak_flops / 1e9:.1f} GFLOP/s; batch {args.batch}x{args.seq}; "
+          f"compute {args.dtype}")
     print("| setting | framework | median step s | tokens/s | MFU | peak RSS GiB |\n|---|---|---|---|---|---|")
     for setting in args.settings.split(","):
         results: dict[str, dict] = {"jax": {"times": [], "peak": 0.0}, "torch": {"times": [], "peak": 0.0}}
         for _ in range(args.reps):
             for fw in ("jax", "torch"):
                 out = subprocess.run([sys.executable, __file__, f"--framework={fw}", f"--setting={setting}",
-                                      f"--model={args.model}",
+                                      f"--model={args.model}", f"--dtype={args.dtype}",
                                       f"--steps={args.steps}", f"--batch={args.batch}", f"--seq={args.seq}"],
                                      cwd=REPO, capture_output=True, text=True, check=True)
                 r = json.loads(out.stdout.split("RESULT ", 1)[1])
