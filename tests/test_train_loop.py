@@ -217,7 +217,7 @@ def test_sigterm_while_waiting_for_data_ends_the_program_within_seconds(tmp_path
     finally:
         proc.kill()
     elapsed = time.monotonic() - t0
-    assert proc.returncode == 0, rest[-3000:]
+    assert proc.returncode == 128 + signal.SIGTERM, rest[-3000:]  # stopped, not finished: a wrapper reruns it
     assert "Traceback" not in rest and "SIGTERM received: stopping now" in rest
     assert elapsed < 20  # exits within seconds (measured 1-3 s); the slack is for a loaded 2-core machine
     assert not (workdir / "checkpoints").exists() or not any((workdir / "checkpoints").iterdir())

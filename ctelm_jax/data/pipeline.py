@@ -42,18 +42,24 @@ def _task_probabilities(tasks_weights: Mapping[str, float]) -> np.ndarray:
     return weights / weights.sum()
 
 
+class Stopped(Exception):
+    """Raised inside a pipeline whose `stop` event is set: ends a background thread at its next example."""
+
+
 class _MakeExample(grain.transforms.RandomMap):
     """Record index -> packed-ready example of a task drawn by weight (None when skipped)."""
 
     def __init__(self, records: Sequence[Mapping], tokenizer: Tokenizer, tasks_weights: Mapping[str, float],
-                 seq_len: int):
-        self.records, self.tokenizer, self.seq_len = records, tokenizer, seq_len
+                 seq_len: int, stop: threading.Event | None = None):
+        self.records, self.tokenizer, self.seq_len, self.stop = records, tokenizer, seq_len, stop
         self.names = list(tasks_weights)
         self.probabilities = _task_probabilities(tasks_weights)
         self.stats: collections.Counter[str] = collections.Counter()
 
     def random_map(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray] | None:
         """The example for record `index`."""
+        if self.stop is not None and self.stop.is_set():
+            raise Stopped()
         task_id = int(rng.choice(len(self.names), p=self.probabilities))
         example = tasks.make_example(self.names[task_id], self.records, int(index), rng, self.tokenizer, self.seq_len,
                                      self.stats)
@@ -112,9 +118,11 @@ def batch_spec(batch_size: int, seq_len: int, max_embeddings_per_row: int, embed
 def make_dataset(records: Sequence[Mapping], embeddings: np.ndarray, tokenizer: Tokenizer,
                  tasks_weights: Mapping[str, float], seq_len: int, batch_size: int, seed: int,
                  max_embeddings_per_row: int, *, embedding_dim: int | None = None, process_index: int | None = None,
-                 process_count: int | None = None, read_threads: int = 0) -> grain.IterDataset:
+                 process_count: int | None = None, read_threads: int = 0,
+                 stop: threading.Event | None = None) -> grain.IterDataset:
     """The infinite dataset of this host's batches (see the module docstring); `batch_size` is the global batch,
-    `read_threads` grain threads build examples (0: in the calling thread, ~400k tokens/s on one CPU core)."""
+    `read_threads` grain threads build examples (0: in the calling thread, ~400k tokens/s on one CPU core); once
+    `stop` is set, building an example raises Stopped."""
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     if batch_size % process_count:
@@ -130,7 +138,7 @@ def make_dataset(records: Sequence[Mapping], embeddings: np.ndarray, tokenizer: 
     check_embeddings([r["nctid"] for r in records], table, "pipeline embeddings", embedding_dim)
     local_batch = batch_size // process_count
     examples = (grain.MapDataset.range(len(records)).shuffle(seed=seed).repeat()
-                .random_map(_MakeExample(records, tokenizer, tasks_weights, seq_len), seed=seed)
+                .random_map(_MakeExample(records, tokenizer, tasks_weights, seq_len, stop), seed=seed)
                 [process_index::process_count])
     packed = grain.experimental.FirstFitPackIterDataset(
         examples.to_iter_dataset(grain.ReadOptions(num_threads=read_threads)),
@@ -147,23 +155,24 @@ def make_pipeline(records: Sequence[Mapping], embeddings: np.ndarray, tokenizer:
     """An iterator of this host's batches (dicts of `BATCH_KEYS` numpy arrays with fixed shapes, `batch_spec`);
     `get_state()` / `set_state()` save and restore its position (JSON-serializable). With `prefetch`, a background
     thread keeps that many batches ready (`Prefetched`)."""
+    stop = threading.Event() if prefetch else None
     batches = iter(make_dataset(records, embeddings, tokenizer, tasks_weights, seq_len, batch_size, seed,
                                 max_embeddings_per_row, embedding_dim=embedding_dim, process_index=process_index,
-                                process_count=process_count, read_threads=read_threads))
-    return Prefetched(batches, prefetch) if prefetch else batches
+                                process_count=process_count, read_threads=read_threads, stop=stop))
+    return Prefetched(batches, prefetch, stop) if prefetch else batches
 
 
 class Prefetched:
     """A checkpointable iterator that builds up to `size` elements of `parent` ahead in a daemon thread, started by
     the first `next`. Its state is that of the elements handed out, not of those built ahead, so a resume repeats
-    and skips none. Nothing ever waits for the thread (grain's prefetch joins it when dropped, which hangs a stopping
-    run whose pipeline finds no element, skipping every example): it ends with the process, or after `close`."""
+    and skips none. `close` sets `stop`, which the parent's pipeline checks at every example (`make_dataset`), so the
+    thread ends within one example even in a pipeline that finds none (skipping every example), where grain's own
+    prefetch, which waits for the element in progress, hangs a stopping run."""
 
-    def __init__(self, parent: grain.DatasetIterator, size: int):
-        self._parent, self._size = parent, size
+    def __init__(self, parent: grain.DatasetIterator, size: int, stop: threading.Event):
+        self._parent, self._size, self._stop = parent, size, stop
         self._state = parent.get_state()
         self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
         self._ready: queue.Queue = queue.Queue(size)
 
     def _produce(self) -> None:
@@ -177,6 +186,8 @@ class Prefetched:
                         break
                     except queue.Full:
                         pass
+        except Stopped:
+            pass
         except BaseException as e:  # handed to the consumer, StopIteration included
             self._ready.put((None, None, e))
 
@@ -200,13 +211,16 @@ class Prefetched:
     def set_state(self, state: dict) -> None:
         """Restores a position (before the first `next`, or after the thread has stopped)."""
         if self._thread is not None:
-            self.close()
-            self._thread.join()  # it may be mid-element on the parent: let it finish before moving the parent
-            self._thread, self._stop, self._ready = None, threading.Event(), queue.Queue(self._size)
+            self.close()  # it may have been mid-element on the parent: it ended before the parent moves
+            self._thread, self._ready = None, queue.Queue(self._size)
+            self._stop.clear()
         self._parent.set_state(state)
         self._state = self._parent.get_state()
 
     def close(self) -> None:
-        """Tells the thread to stop after the element it is building (without waiting for it)."""
+        """Stops the thread (within one example) and waits for it: none may be left in native code (tokenizers) when
+        the interpreter exits, which aborts the process."""
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
 

@@ -1,5 +1,7 @@
 """`python -m ctelm_jax.train --config=configs/<name>.py --workdir=DIR [--config.key=value ...]`."""
 
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -12,10 +14,14 @@ flags.mark_flag_as_required("workdir")
 
 
 def main(argv: list[str]) -> None:
-    """Trains (or resumes) the configured curriculum in --workdir."""
+    """Trains (or resumes) the configured curriculum in --workdir; a run stopped by a signal exits 128 + its number
+    (143 for SIGTERM, 130 for Ctrl-C), as a shell reports a killed job, so that wrappers rerun it rather than take it
+    for finished."""
     del argv
     summary = train(_CONFIG.value, _WORKDIR.value)
     logging.info("training %s at step %s", summary["status"], summary.get("step"))
+    if summary["status"] == "preempted":
+        sys.exit(128 + summary["signal"])
 
 
 if __name__ == "__main__":

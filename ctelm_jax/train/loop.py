@@ -53,11 +53,13 @@ class Preemption:
 
     def __init__(self):
         self.requested = False
+        self.signum: int | None = None  # the first signal received
         self._droppable = False
         self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = True
+        self.signum = self.signum or signum
         if self._droppable:
             logging.warning("%s received: stopping now.", signal.Signals(signum).name)
             raise Interrupted(signal.Signals(signum).name)
@@ -95,8 +97,8 @@ def _summarise(metrics: dict[str, Any], tasks: list[str]) -> dict[str, float]:
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
     """Runs (or resumes) the curriculum of `config` in `workdir`, holding its lock (one run per workdir); returns a
-    summary of the last metrics. SIGTERM or SIGINT ends it at any moment (status 'preempted'), saving first only a
-    finished step that is not yet saved."""
+    summary of the last metrics. SIGTERM or SIGINT ends it at any moment (status 'preempted', `signal` its number),
+    saving first only a finished step that is not yet saved."""
     maybe_initialize_distributed(**config.distributed)  # before anything touches a device (check_config counts them)
     check_config(config)
     workdir = fs.as_path(workdir)
@@ -104,7 +106,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     preemption = Preemption()
     try:
         with workdir_lock.hold(workdir):
-            return _train(config, workdir, preemption)
+            summary = _train(config, workdir, preemption)
+        if summary["status"] == "preempted":
+            summary["signal"] = preemption.signum
+        return summary
     finally:
         preemption.restore()
 
@@ -145,6 +150,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption: P
     eval_step = jax.jit(make_eval_step(graphdef, len(tasks)), in_shardings=(param_shardings, None))
     step, unsaved, unlogged = 0, False, None  # unlogged: the finished step's row, until it is written
     pending = None  # (step, metrics on the devices) of a dispatched step whose metrics are not read yet
+    batches = None  # the stage's batch iterator (its thread is stopped however the run ends)
     try:
         with preemption.droppable():
             stage_index, data_state, restored = 0, None, None
@@ -268,6 +274,8 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption: P
                         if step else "no step to save.")
         return summary
     finally:
+        if batches is not None:
+            batches.close()
         ckpt.close()
         if writer is not None:
             writer.close()
