@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from ctelm_jax.errors import UserError
 from ctelm_jax.train import workdir_lock
 from ctelm_jax.train.checkpoint import Checkpointer
 from ctelm_jax.train.loop import train
+from ctelm_jax.train.metrics import tfrecords
 from ctelm_jax.trained import load_trained
 from ctelm_jax.weights.elm_export import adapter_to_hf, import_elm
 from ctelm_jax.weights.hf import decoder_to_hf
@@ -203,12 +203,9 @@ def test_as_path_keeps_uris_and_refuses_mangled_ones(tmp_path, monkeypatch):
 
 def tfrecord_count(data: bytes) -> int:
     """The number of records in a TFRecord (event) file, checking its framing (length, crc, data, crc)."""
-    count, at = 0, 0
-    while at < len(data):
-        (length,) = struct.unpack("<Q", data[at:at + 8])
-        at, count = at + 8 + 4 + length + 4, count + 1
-    assert at == len(data), "truncated record"
-    return count
+    frames = list(tfrecords(data))
+    assert sum(map(len, frames)) == len(data), "truncated record"
+    return len(frames)
 
 
 def test_workdir_lock_in_a_bucket(bucket):
