@@ -15,6 +15,7 @@ from ctelm_jax.generate import SamplingConfig, generate
 from ctelm_jax.models.adapter import Adapter
 from ctelm_jax.models.build import build_elm
 from ctelm_jax.models.elm import ELM
+from ctelm_jax.models.embed_head import EmbedHead
 from ctelm_jax.models.llama import Llama, LlamaConfig
 from ctelm_jax.parallel.mesh import make_mesh
 from ctelm_jax.parallel.rules import DEFAULT_RULES, logical_to_spec
@@ -85,14 +86,16 @@ def test_sharded_read_of_a_sharded_folder_equals_the_full_read(tmp_path, tokeniz
     mesh = make_mesh(MESH_2X2X2)
     model = build_elm(config.model, tokenizer, mesh=mesh)
 
-    # The old path: an eagerly built model, every tensor read on the host into it, a fresh adapter (same seed).
+    # The old path: an eagerly built model, every tensor read on the host into it, a fresh adapter and embedding
+    # head (same seed, same order).
     m = config.model
     rngs = nnx.Rngs(m.seed)
     full = Llama(cfg.replace(lora_rank=m.lora_rank, lora_alpha=m.lora_alpha, lora_targets=tuple(m.lora_targets)),
                  rngs=rngs)
     hf.decoder_from_hf(full, hf.read_tensors(tmp_path))
     adapter = Adapter(m.domain_dim, m.adapter_hidden, cfg.hidden_size, rngs=rngs)
-    reference = flat(ELM(full, adapter, tokenizer.placeholder_id))
+    head = EmbedHead(cfg.hidden_size, m.domain_dim, m.embed_pred_weight, rngs=rngs)
+    reference = flat(ELM(full, adapter, tokenizer.placeholder_id, head))
     got = nnx.to_flat_state(nnx.state(model))
     assert {p for p, _ in got} == set(reference)
     for path, var in got:
