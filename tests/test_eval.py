@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ctelm_jax import decode
-from ctelm_jax.eval import facts, metrics, probes, prompts
+from ctelm_jax.eval import facts, metrics, probes, prompts, report
 from ctelm_jax.eval.suite import EvalSizes, evaluate_run
 from conftest import write_step0_run
 
@@ -62,6 +62,7 @@ def test_summary_skips_non_finite():
                                           (12, 24, 0.3143, 0.6857), (0, 0, 0.0, 1.0)])
 def test_wilson_interval_known_values(k, n, lo, hi):
     assert metrics.wilson_interval(k, n) == pytest.approx((lo, hi), abs=1e-4)
+    assert metrics.wilson_interval(n, n)[1] == 1.0 and metrics.wilson_interval(0, n)[0] == 0.0  # exactly
 
 
 def test_wilson_interval_rejects_impossible_counts():
@@ -119,6 +120,15 @@ def test_concept_curve_monotone_and_flat():
     assert [r["k"] for r in probes.concept_curve("pediatric", strengths, texts)["responsive"]] == [0, 0]
     with pytest.raises(ValueError, match="strength 0"):
         probes.concept_curve("sex", [1.0], {1.0: [trial_text()]})
+
+
+def test_concept_plot_with_a_full_share(tmp_path):
+    # Every trial moved toward the concept at +1: the interval ends at exactly 1, and the error bars draw.
+    texts = {0.0: [trial_text()], 1.0: [trial_text("60 years and older")]}
+    curve = probes.concept_curve("age", [0.0, 1.0], texts)
+    assert curve["curve"][1]["toward_ci"][1] == 1.0 and curve["responsive"][0]["k"] == 1
+    assert report.plot_concepts({"concepts": {"curves": {"age": curve}}}, tmp_path / "c.png")
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.parametrize("values, expected", [([0.0, 0.0, 0.0], "flat"), ([-0.5, 0.0, 0.5], "monotone"),

@@ -136,7 +136,8 @@ def plot_cosines(results: dict[str, Any], path: Path) -> bool:
 
 
 def plot_concepts(results: dict[str, Any], path: Path) -> bool:
-    """Net shift and group shares against strength, one panel per concept; False without curves."""
+    """Net shift, share moved toward the concept (with its Wilson interval) and group shares against strength, one
+    panel per concept; False without curves."""
     curves = results["concepts"]["curves"]
     if not curves:
         return False
@@ -147,6 +148,10 @@ def plot_concepts(results: dict[str, Any], path: Path) -> bool:
         for key, style, label in (("net", "o-", "net shift"), ("positive", "s--", f"share {positive}"),
                                   ("negative", "^:", f"share {negative}")):
             ax.plot(s, [r[key] for r in c["curve"]], style, label=label)
+        toward = np.array([r["toward"] for r in c["curve"]])
+        ci = np.array([r["toward_ci"] for r in c["curve"]])
+        ax.errorbar(s, toward, yerr=np.clip([toward - ci[:, 0], ci[:, 1] - toward], 0.0, None), fmt="x-", capsize=3,
+                    label="moved toward (95% CI)")
         ax.axhline(0, color="grey", lw=0.5)
         ax.set_title(f"{name} ({c['shape']})")
         ax.set_xlabel("strength")
