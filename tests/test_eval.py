@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ctelm_jax import decode
-from ctelm_jax.eval import metrics, probes, prompts
+from ctelm_jax.eval import facts, metrics, probes, prompts, report
 from ctelm_jax.eval.suite import EvalSizes, evaluate_run
 from conftest import write_step0_run
 
@@ -58,6 +58,18 @@ def test_summary_skips_non_finite():
     assert metrics.summary([])["n"] == 0
 
 
+@pytest.mark.parametrize("k, n, lo, hi", [(0, 10, 0.0, 0.2775), (5, 10, 0.2366, 0.7634), (10, 10, 0.7225, 1.0),
+                                          (12, 24, 0.3143, 0.6857), (0, 0, 0.0, 1.0)])
+def test_wilson_interval_known_values(k, n, lo, hi):
+    assert metrics.wilson_interval(k, n) == pytest.approx((lo, hi), abs=1e-4)
+    assert metrics.wilson_interval(n, n)[1] == 1.0 and metrics.wilson_interval(0, n)[0] == 0.0  # exactly
+
+
+def test_wilson_interval_rejects_impossible_counts():
+    with pytest.raises(ValueError, match="0 <= k <= n"):
+        metrics.wilson_interval(3, 2)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # probes
 
@@ -99,8 +111,31 @@ def test_concept_curve_monotone_and_flat():
     assert [r["net"] for r in probes.concept_curve("pediatric", strengths, texts)["curve"]] == [0.5, 0.0, -0.5]
     flat = probes.concept_curve("sex", strengths, {s: [trial_text()] for s in strengths})
     assert flat["shape"] == "flat"
+    # Moved with the push: away from the concept at -1 (1 of 2), toward it at +1 (1 of 2), with Wilson intervals.
+    assert [(r["strength"], r["k"], r["n"]) for r in c["responsive"]] == [(-1.0, 1, 2), (1.0, 1, 2)]
+    assert c["responsive"][1]["ci"] == pytest.approx(metrics.wilson_interval(1, 2))
+    assert c["curve"][2]["toward_ci"] == pytest.approx(metrics.wilson_interval(1, 2))
+    assert c["curve"][1]["toward_ci"] == pytest.approx(metrics.wilson_interval(0, 2))
+    # Pediatric runs the other way: at -1 a text moved toward children, at +1 one moved away: none with the push.
+    assert [r["k"] for r in probes.concept_curve("pediatric", strengths, texts)["responsive"]] == [0, 0]
     with pytest.raises(ValueError, match="strength 0"):
         probes.concept_curve("sex", [1.0], {1.0: [trial_text()]})
+
+
+def test_concept_plot_with_a_full_share(tmp_path):
+    # Every trial moved toward the concept at +1: the interval ends at exactly 1, and the error bars draw.
+    texts = {0.0: [trial_text()], 1.0: [trial_text("60 years and older")]}
+    curve = probes.concept_curve("age", [0.0, 1.0], texts)
+    assert curve["curve"][1]["toward_ci"][1] == 1.0 and curve["responsive"][0]["k"] == 1
+    assert report.plot_concepts({"concepts": {"curves": {"age": curve}}}, tmp_path / "c.png")
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("values, expected", [([0.0, 0.0, 0.0], "flat"), ([-0.5, 0.0, 0.5], "monotone"),
+                                              ([-0.5, 0.0, 0.0, 0.25], "monotone"), ([0.0, 0.5, 0.25], "not monotone"),
+                                              ([0.5, 0.0, -0.5], "not monotone")])
+def test_shape(values, expected):
+    assert probes.shape(values) == expected
 
 
 def test_novel_vectors_are_unit():
@@ -151,10 +186,26 @@ def test_evaluate_run_end_to_end(tiny_run):
     assert [r["strength"] for r in results["concepts"]["curves"]["sex"]["curve"]] == [-1.0, 0.0, 1.0]
     assert set(results["novel"]) == {"gaussian", "midpoint"}
     assert "| ELM (step 3) |" in markdown
+    for name, row in results["describe"].items():
+        assert set(row["facts"]) >= {"key_facts", "conditions_f1", "interventions_f1", "ages", "ages_within",
+                                     "logic", "logic_n"}, name
+    facts_md = markdown.split("## Facts", 1)[1].split("##", 1)[0]
+    for label in ("| ELM (step 3) |", "| nearest training neighbour |", "| random training text |"):
+        assert label in facts_md, label
+    assert "| key facts |" in facts_md and "| logic (items) |" in facts_md
+    sex = results["concepts"]["curves"]["sex"]
+    assert [r["strength"] for r in sex["responsive"]] == [-1.0, 1.0] and sex["responsive"][0]["n"] == 2
+    assert re.search(r"Moved with the push \(95% Wilson interval\): -1\.00: \d/2 = \d+% \[\d+%, \d+%\]", markdown)
+    assert re.search(r"net shift against strength: (flat|monotone|not monotone)\)", markdown)
     assert re.search(r"ELM re-embed cosine -?[\d.]+: [\d.]+ (above|below) the untrained adapter \(ELM closer on \d/4 "
                      r"trials\); .*nearest training neighbour", markdown)
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len([s for s in samples if s["task"] == "describe"]) == 16
+    for name, row in results["describe"].items():  # the facts are those of the texts the report shows
+        shown = [s for s in samples if s["task"] == "describe" and s["system"] == name]
+        expected = facts.fact_table([s["text"] for s in shown], [s["truth"] for s in shown])
+        assert json.dumps(row["facts"]) == json.dumps(expected), name
+    assert results["describe"]["nearest training neighbour"]["facts"]["n"] == 4
 
 
 @pytest.fixture(scope="module")

@@ -121,6 +121,13 @@ def test_parse_rejects_malformed(bad):
     assert render.parse_text(bad) is None
 
 
+def test_field_lines_reads_a_malformed_text_leniently():
+    text = "noise\nSex: female\nPhase: phase 3\nPhase: phase 1\nAges:\nConditions: a; b\nColour: red\nStatus:x"
+    assert render.field_lines(text) == {"Sex": "female", "Phase": "phase 3", "Conditions": "a; b"}
+    assert render.list_items("a; b ;c") == ("a", "b", "c")
+    assert render.list_items("not stated") == () and render.list_items(None) == ()
+
+
 @pytest.mark.parametrize("lo, hi, text", [(18, 65, "18 to 65 years"), (18, None, "18 years and older"),
                                           (None, 17, "up to 17 years"), (None, None, "not stated"),
                                           (0.5, 17, "6 months to 17 years"), (0.25, 1.5, "3 months to 18 months"),

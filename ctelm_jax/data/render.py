@@ -498,6 +498,22 @@ def render_text(record: Mapping, max_chars: int = 600) -> str:
 _LINE_NAMES = ("Phase", "Conditions", "Interventions", "Ages", "Sex", "Inclusion", "Exclusion", "Status")
 
 
+def field_lines(text: str) -> dict[str, str]:
+    """The value of each rendering line ("Name: value", a known name, a non-empty value) of a text, the first one of
+    each name; other lines are skipped (the lenient reading of a cut or malformed rendering)."""
+    values: dict[str, str] = {}
+    for line in text.strip().split("\n"):
+        name, sep, value = line.partition(": ")
+        if sep and name in _LINE_NAMES and name not in values and value.strip():
+            values[name] = value.strip()
+    return values
+
+
+def list_items(value: str | None) -> tuple[str, ...]:
+    """The items of a list line's value ("a; b"); none for a missing line or "not stated"."""
+    return () if value is None or value == "not stated" else tuple(v.strip() for v in value.split(";"))
+
+
 def parse_text(text: str) -> TrialFields | None:
     """Fields of a rendering (nctid ""), or None if it is not well-formed: every required line once, in order."""
     values: dict[str, str] = {}
@@ -514,14 +530,10 @@ def parse_text(text: str) -> TrialFields | None:
     ages = parse_ages(values["Ages"])
     if ages is None or values["Sex"] not in SEXES:
         return None
-
-    def items(name: str) -> tuple[str, ...]:
-        raw = values.get(name)
-        return () if raw is None or raw == "not stated" else tuple(v.strip() for v in raw.split(";"))
-
-    return TrialFields(nctid="", phase=values["Phase"], status=values["Status"], conditions=items("Conditions"),
-                       interventions=items("Interventions"), min_age=ages[0], max_age=ages[1], sex=values["Sex"],
-                       inclusion=items("Inclusion"), exclusion=items("Exclusion"))
+    return TrialFields(nctid="", phase=values["Phase"], status=values["Status"],
+                       conditions=list_items(values["Conditions"]), interventions=list_items(values["Interventions"]),
+                       min_age=ages[0], max_age=ages[1], sex=values["Sex"],
+                       inclusion=list_items(values.get("Inclusion")), exclusion=list_items(values.get("Exclusion")))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,8 +1,11 @@
-"""Text and embedding metrics of decoded trials: re-embed cosine, ROUGE-L, BLEU, and the retrieval baselines."""
+"""Text and embedding metrics of decoded trials: re-embed cosine, ROUGE-L, BLEU, the retrieval baselines, and the
+Wilson interval of a share."""
 
 from __future__ import annotations
 
 from typing import Sequence
+
+import math
 
 import numpy as np
 import sacrebleu
@@ -53,3 +56,18 @@ def summary(values: Sequence[float] | np.ndarray) -> dict[str, float]:
     if not v.size:
         return {"mean": float("nan"), "std": float("nan"), "median": float("nan"), "n": 0}
     return {"mean": float(v.mean()), "std": float(v.std()), "median": float(np.median(v)), "n": int(v.size)}
+
+
+WILSON_Z = 1.959964  # the normal quantile of a two-sided 95% interval
+
+
+def wilson_interval(k: int, n: int, z: float = WILSON_Z) -> tuple[float, float]:
+    """Wilson score interval (95% by default) of a share of k successes in n trials; (0, 1) when n = 0."""
+    if not 0 <= k <= n:
+        raise ValueError(f"a share needs 0 <= k <= n, got k={k}, n={n}.")
+    if n == 0:
+        return 0.0, 1.0
+    p, z2 = k / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return (0.0 if k == 0 else centre - half), (1.0 if k == n else centre + half)  # exact ends, not rounded ones

@@ -10,6 +10,7 @@ import numpy as np
 from ctelm_jax import concepts as concepts_lib
 from ctelm_jax.data import render
 from ctelm_jax.data.render import TrialFields
+from ctelm_jax.eval import metrics
 
 EVAL_ATTRIBUTES: tuple[str, ...] = ("phase", "conditions", "ages", "sex")
 AGE_OPEN_LOW, AGE_OPEN_HIGH = 0.0, 100.0  # open ends of an age range, for the age score
@@ -81,9 +82,6 @@ def majority_answers(fields: Sequence[TrialFields], attributes: Sequence[str] = 
 # ----------------------------------------------------------------------------------------------------------------
 # concept responsiveness
 
-_AGES_LINE = re.compile(r"^Ages: (.*)$", re.M)
-_SEX_LINE = re.compile(r"^Sex: (.*)$", re.M)
-
 
 def extract_fields(text: str) -> TrialFields | None:
     """`render.parse_text` of a decoded text, or, for a cut or malformed one, the age range and sex from its "Ages:"
@@ -91,9 +89,9 @@ def extract_fields(text: str) -> TrialFields | None:
     parsed = render.parse_text(text)
     if parsed is not None:
         return parsed
-    ages_m, sex_m = _AGES_LINE.search(text), _SEX_LINE.search(text)
-    ages = render.parse_ages(ages_m.group(1)) if ages_m else None
-    sex = sex_m.group(1).strip() if sex_m else None
+    lines = render.field_lines(text)
+    ages = render.parse_ages(lines["Ages"]) if "Ages" in lines else None
+    sex = lines.get("Sex")
     if ages is None or sex not in render.SEXES:
         return None
     return TrialFields(nctid="", phase="", status="", conditions=(), interventions=(), min_age=ages[0],
@@ -125,8 +123,9 @@ def concept_curve(concept: str, strengths: Sequence[float], texts: Mapping[float
     `texts[s][i]` is trial i decoded at strength s (0 included). Per strength: `parsed` share with an age range and
     sex; `toward` / `away` shares whose score moved in / against the concept's direction relative to strength 0
     (unparsed texts count as not moved); `net` = toward - away; `positive` / `negative` shares falling in the
-    concept's two defining groups; `mean_score` (concept-signed). `shape`: "monotone" if net never decreases with
-    strength (and changes), "flat" if it does not change, else "not monotone".
+    concept's two defining groups; `mean_score` (concept-signed); `toward_ci` / `away_ci`: Wilson 95% intervals of
+    those shares. `shape`: `shape` of net against strength. `responsive`: per non-zero strength, the share of trials
+    moved with the push (toward the concept for s > 0, away for s < 0) as k of n with its Wilson interval.
     """
     if concept not in CURVE_SCORES:
         raise ValueError(f"no response curve for concept {concept!r}; built-in: {sorted(CURVE_SCORES)}")
@@ -135,29 +134,37 @@ def concept_curve(concept: str, strengths: Sequence[float], texts: Mapping[float
     score, sign = CURVE_SCORES[concept]
     positive_fn, negative_fn, _ = concepts_lib.BUILTIN[concept]
     base = [extract_fields(t) for t in texts[0.0]]
-    rows = []
+    rows, responsive = [], []
     for s in strengths:
         fields = [extract_fields(t) for t in texts[s]]
         moves = [np.sign(sign * (score(f) - score(b))) if f is not None and b is not None else 0.0
                  for f, b in zip(fields, base)]
         ok = [f for f in fields if f is not None]
         n = len(fields)
+        toward, away = int(sum(m > 0 for m in moves)), int(sum(m < 0 for m in moves))
         rows.append({
-            "strength": float(s), "parsed": len(ok) / n,
-            "toward": sum(m > 0 for m in moves) / n, "away": sum(m < 0 for m in moves) / n,
+            "strength": float(s), "parsed": len(ok) / n, "toward": toward / n, "away": away / n,
+            "toward_ci": list(metrics.wilson_interval(toward, n)), "away_ci": list(metrics.wilson_interval(away, n)),
             "net": float(np.mean(moves)),
             "positive": sum(bool(positive_fn(f)) for f in ok) / n,
             "negative": sum(bool(negative_fn(f)) for f in ok) / n,
             "mean_score": float(np.mean([sign * score(f) for f in ok])) if ok else float("nan"),
         })
+        if s != 0.0:
+            k = toward if s > 0 else away
+            responsive.append({"strength": float(s), "k": k, "n": n, "share": k / n,
+                               "ci": list(metrics.wilson_interval(k, n))})
     nets = [r["net"] for r in sorted(rows, key=lambda r: r["strength"])]
-    if all(a == nets[0] for a in nets):
-        shape = "flat"
-    elif all(a <= b for a, b in zip(nets, nets[1:])):
-        shape = "monotone"
-    else:
-        shape = "not monotone"
-    return {"concept": concept, "n": len(base), "curve": rows, "shape": shape}
+    return {"concept": concept, "n": len(base), "curve": rows, "shape": shape(nets), "responsive": responsive}
+
+
+def shape(values: Sequence[float]) -> str:
+    """"flat" if all values are equal, "monotone" if they never decrease, else "not monotone"."""
+    if all(v == values[0] for v in values):
+        return "flat"
+    if all(a <= b for a, b in zip(values, values[1:])):
+        return "monotone"
+    return "not monotone"
 
 
 # ----------------------------------------------------------------------------------------------------------------

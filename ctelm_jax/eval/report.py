@@ -1,4 +1,5 @@
-"""The evaluation report: markdown tables, PNG plots (cosine histogram, concept curves) and all decoded samples."""
+"""The evaluation report: markdown tables (describe, facts, attributes, concepts, novel vectors), PNG plots (cosine
+histogram, concept curves) and all decoded samples."""
 
 from __future__ import annotations
 
@@ -56,6 +57,25 @@ def describe_verdict(results: dict[str, Any]) -> str:
     return f"ELM re-embed cosine {ours.mean():.3f}: " + "; ".join(parts) + "."
 
 
+def facts_table(results: dict[str, Any]) -> str:
+    """Fact scores of each system's describe texts (`eval.facts`): key fields, terms, numbers, logic."""
+    lines = ["| system | key facts | phase | conditions | interventions | ages exact | ages ±5 y | sex | status | "
+             "conditions F1 | interventions F1 | logic (items) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, row in results["describe"].items():
+        f = row["facts"]
+        label = f"ELM (step {results['step']})" if name == "ELM" else name
+        logic = "n/a (0)" if not f["logic_n"] else f"{f['logic']:.0%} ({f['logic_n']})"
+        lines.append(f"| {label} | {f['key_facts']:.0%} | {f['phase']:.0%} | {f['conditions']:.0%} | "
+                     f"{f['interventions']:.0%} | {f['ages']:.0%} | {f['ages_within']:.0%} | {f['sex']:.0%} | "
+                     f"{f['status']:.0%} | {f['conditions_f1']:.2f} | {f['interventions_f1']:.2f} | {logic} |")
+    return "\n".join(lines)
+
+
+def _share_ci(share: float, ci: list[float]) -> str:
+    """'50% [24%, 76%]'."""
+    return f"{share:.0%} [{ci[0]:.0%}, {ci[1]:.0%}]"
+
+
 def _attribute_table(attributes: dict[str, dict[str, float]]) -> str:
     lines = ["| attribute | exact | exact or right field line | overlap (lists) | majority-answer baseline | n |",
              "|---|---|---|---|---|---|"]
@@ -69,13 +89,17 @@ def _concept_table(concepts: dict[str, Any], split: str) -> str:
     lines = []
     for name, c in concepts["curves"].items():
         d = concepts["definitions"][name]
+        moved = "; ".join(f"{r['strength']:+.2f}: {r['k']}/{r['n']} = {_share_ci(r['share'], r['ci'])}"
+                          for r in c["responsive"])
         lines += [f"**{name}** ({d['description']}; {d['positive']} vs {d['negative']} training trials; "
                   f"{c['n']} {split} trials; net shift against strength: {c['shape']})", "",
-                  "| strength | parsed | toward | away | net | in positive group | in negative group | mean score |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  f"Moved with the push (95% Wilson interval): {moved}.", "",
+                  "| strength | parsed | toward [95% CI] | away [95% CI] | net | in positive group | in negative group "
+                  "| mean score |", "|---|---|---|---|---|---|---|---|"]
         for r in c["curve"]:
-            lines.append(f"| {r['strength']:+.2f} | {r['parsed']:.0%} | {r['toward']:.0%} | {r['away']:.0%} | "
-                         f"{r['net']:+.2f} | {r['positive']:.0%} | {r['negative']:.0%} | {r['mean_score']:.2f} |")
+            lines.append(f"| {r['strength']:+.2f} | {r['parsed']:.0%} | {_share_ci(r['toward'], r['toward_ci'])} | "
+                         f"{_share_ci(r['away'], r['away_ci'])} | {r['net']:+.2f} | {r['positive']:.0%} | "
+                         f"{r['negative']:.0%} | {r['mean_score']:.2f} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -112,7 +136,8 @@ def plot_cosines(results: dict[str, Any], path: Path) -> bool:
 
 
 def plot_concepts(results: dict[str, Any], path: Path) -> bool:
-    """Net shift and group shares against strength, one panel per concept; False without curves."""
+    """Net shift, share moved toward the concept (with its Wilson interval) and group shares against strength, one
+    panel per concept; False without curves."""
     curves = results["concepts"]["curves"]
     if not curves:
         return False
@@ -123,6 +148,10 @@ def plot_concepts(results: dict[str, Any], path: Path) -> bool:
         for key, style, label in (("net", "o-", "net shift"), ("positive", "s--", f"share {positive}"),
                                   ("negative", "^:", f"share {negative}")):
             ax.plot(s, [r[key] for r in c["curve"]], style, label=label)
+        toward = np.array([r["toward"] for r in c["curve"]])
+        ci = np.array([r["toward_ci"] for r in c["curve"]])
+        ax.errorbar(s, toward, yerr=np.clip([toward - ci[:, 0], ci[:, 1] - toward], 0.0, None), fmt="x-", capsize=3,
+                    label="moved toward (95% CI)")
         ax.axhline(0, color="grey", lw=0.5)
         ax.set_title(f"{name} ({c['shape']})")
         ax.set_xlabel("strength")
@@ -149,6 +178,13 @@ def markdown(results: dict[str, Any], cosine_png: bool, concepts_png: bool) -> s
     ]
     if cosine_png:
         parts += [f"![re-embed cosine]({COSINE_PNG})", ""]
+    parts += ["## Facts", "", facts_table(results), "",
+              "Each text read line by line against the true canonical text (`eval.facts`; a missing or unreadable "
+              "line is wrong). Key facts: share of phase, conditions, interventions (the same items), age bounds "
+              "(both exact), sex and status right. Conditions / interventions F1: item F1 (case and whitespace "
+              "normalised). Ages ±5 y: each bound within 5 years (an open bound matches only an open one). Logic: of "
+              "the true criteria items the text states (token F1 >= 0.5), the share under the right heading "
+              "(inclusion vs exclusion), pooled over trials (items found).", ""]
     parts += [f"## Attributes ({sizes['n_attribute']} trials, `attributes` task prompts)", "",
               _attribute_table(results["attributes"]), "",
               "Exact: the answer is the canonical value of the field. Right field line: also counts answers written "
@@ -157,7 +193,8 @@ def markdown(results: dict[str, Any], cosine_png: bool, concepts_png: bool) -> s
               f"Concept vectors {results['concepts']['source']}. Each test embedding is moved by strength x vector "
               "and renormalised, then described. Age score: midpoint of the decoded age range (open ends 0 and 100 "
               "years); sex score: women +1, all 0, men -1; toward/away: the score moved in/against the concept's "
-              "direction compared with strength 0; net = toward - away.", "",
+              "direction compared with strength 0; net = toward - away (monotone: net never decreases with strength). "
+              "Moved with the push: toward the concept at a positive strength, away from it at a negative one.", "",
               _concept_table(results["concepts"], results["split"])]
     if concepts_png:
         parts += [f"![concept curves]({CONCEPTS_PNG})", ""]

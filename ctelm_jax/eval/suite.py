@@ -10,7 +10,8 @@ Systems compared on `describe` (decode the trial's text from its embedding):
   random training text the canonical text of a random training trial (the floor).
 Re-embed cosine embeds each text as is with the run's frozen encoder (the training target is `render_text`, so a
 decoded text is already in the form the corpus was embedded from) and compares it with the input embedding.
-ROUGE-L and BLEU compare each text with the trial's true `render_text`.
+ROUGE-L and BLEU compare each text with the trial's true `render_text`, and so do the fact scores (`eval.facts`: key
+fields retained, condition / intervention F1, age bounds, criteria on the right side).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from ctelm_jax import concepts as concepts_lib
 from ctelm_jax import fs
 from ctelm_jax.data import render
 from ctelm_jax.data.tasks import attribute_answer
-from ctelm_jax.eval import metrics, probes, prompts, report
+from ctelm_jax.eval import facts, metrics, probes, prompts, report
 from ctelm_jax.models.build import build_elm
 from ctelm_jax.parallel.rules import as_rules, constrainer
 from ctelm_jax.text_embedding import embed_texts
@@ -49,7 +50,7 @@ class EvalSizes:
     batch_size: int = 32
     n_attribute: int = 32
     attribute_max_new_tokens: int = 32  # the longest answers (conditions): 95% <= 25 tokens
-    n_concept: int = 6
+    n_concept: int = 24  # per concept and strength; a share's 95% interval is then at most about ±0.19 wide
     concept_max_new_tokens: int = 72  # the Ages and Sex lines end within 69 tokens for 95% of trials
     strengths: tuple[float, ...] = (-1.0, -0.5, 0.0, 0.5, 1.0)
     n_novel: int = 8
@@ -139,7 +140,8 @@ def evaluate_run(workdir: str | os.PathLike, sizes: EvalSizes = EvalSizes(), enc
     for name, system_texts in texts.items():
         row: dict[str, Any] = {"rouge_l": metrics.summary(metrics.rouge_l(system_texts, truths)),
                                "bleu": metrics.bleu(system_texts, truths),
-                               "well_formed": float(np.mean([probes.well_formed(t) for t in system_texts]))}
+                               "well_formed": float(np.mean([probes.well_formed(t) for t in system_texts])),
+                               "facts": facts.fact_table(system_texts, truths)}
         if encode is not None:
             cos = metrics.cosine_rows(encode(system_texts), vectors)
             row["cosine"], row["cosines"] = metrics.summary(cos), [round(float(c), 4) for c in cos]

@@ -206,8 +206,7 @@ def majority(fields: Sequence[TrialFields]) -> dict[str, Any]:
 
 def _line(text: str, name: str) -> str:
     """The value of the text's "Name: value" line, "" if none."""
-    m = re.search(rf"^{name}: (.*)$", text, re.M)
-    return probes.normalise(m.group(1)) if m else ""
+    return probes.normalise(render.field_lines(text).get(name, ""))
 
 
 def label_agrees(label: str, truth: Mapping[str, Any]) -> dict[str, bool]:
