@@ -21,6 +21,8 @@ def _set(config, key: str, value) -> None:
 
 @pytest.mark.parametrize("changes, message", [
     ({"data.seq_len": 0}, "data.seq_len=0: must be positive; set --config.data.seq_len"),
+    ({"model.tokens_per_embedding": 0}, "model.tokens_per_embedding=0: must be positive; set "
+                                        "--config.model.tokens_per_embedding to a number >= 1"),
     ({"data.seq_len": 1024}, "data.seq_len=1024: longer than the decoder's 512 positions"),
     ({"data.global_batch_size": -8}, "data.global_batch_size=-8: must be positive"),
     ({"data.global_batch_size": 12}, "data.global_batch_size=12: not divisible by the 8 batch shards of the mesh "
