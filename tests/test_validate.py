@@ -21,8 +21,6 @@ def _set(config, key: str, value) -> None:
 
 @pytest.mark.parametrize("changes, message", [
     ({"data.seq_len": 0}, "data.seq_len=0: must be positive; set --config.data.seq_len"),
-    ({"model.tokens_per_embedding": 0}, "model.tokens_per_embedding=0: must be positive; set "
-                                        "--config.model.tokens_per_embedding to a number >= 1"),
     ({"data.seq_len": 1024}, "data.seq_len=1024: longer than the decoder's 512 positions"),
     ({"data.global_batch_size": -8}, "data.global_batch_size=-8: must be positive"),
     ({"data.global_batch_size": 12}, "data.global_batch_size=12: not divisible by the 8 batch shards of the mesh "
@@ -36,6 +34,8 @@ def _set(config, key: str, value) -> None:
     ({"log_every": 0}, "log_every=0: must be positive"),
     ({"eval.every_steps": -1}, "eval.every_steps=-1: must be >= 0"),
     ({"data.max_records": -2}, "data.max_records=-2: must be >= 0"),
+    ({"model.tokens_per_embedding": 0}, "model.tokens_per_embedding=0: must be positive; set "
+                                        "--config.model.tokens_per_embedding to a number >= 1"),
 ])
 def test_bad_value_is_named_with_its_fix(changes, message):
     config = tiny.get_config()
