@@ -24,6 +24,8 @@ def base_config() -> ml_collections.ConfigDict:
         standardize_adapter_input=True,  # adapter sees (e - train mean) / train spread; False = OpenELM's raw e
         embed_pred_weight=1.0,      # > 0: an embedding-prediction head (text -> vector, models/embed_head.py) whose
                                     # 1 - cos loss on `embed` examples has this weight; 0 = no head
+        tokens_per_embedding=1,     # k soft tokens per embedding (the adapter's output split in k, at k consecutive
+                                    # placeholders); 1 = OpenELM's layout
     ))
     c.data = ml_collections.ConfigDict(dict(
         corpus="data/clinical_trials.jsonl.gz",

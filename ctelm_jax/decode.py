@@ -50,7 +50,7 @@ class Job:
 
     inputs: tuple[str, ...]
     prompt: list[int]
-    vectors: np.ndarray  # (k, d), one row per placeholder
+    vectors: np.ndarray  # (n, d), one row per embedding slot of the prompt
     setting: dict[str, Any]
 
 

@@ -218,7 +218,7 @@ def check_inputs(model: ELM, prompts: Sequence[Sequence[int]], embeddings: Seque
     """Validates prompts against their embeddings; float32 (n_i, d) arrays, or ValueError naming the problem."""
     if len(prompts) != len(embeddings):
         raise ValueError(f"{len(prompts)} prompts but {len(embeddings)} embedding sets; give one (n_i, d) array "
-                         "per prompt (n_i = its placeholder count, may be 0).")
+                         "per prompt (n_i = its placeholder count / tokens_per_embedding, may be 0).")
     d = model.adapter.domain_dim
     limit = model.decoder.config.max_position_embeddings
     out = []
@@ -232,10 +232,10 @@ def check_inputs(model: ELM, prompts: Sequence[Sequence[int]], embeddings: Seque
             raise ValueError(f"prompt {i}: embeddings contain NaN or inf.")
         if not len(p):
             raise ValueError(f"prompt {i} is empty.")
-        slots = sum(1 for tok in p if tok == model.placeholder_id)
-        if slots != e.shape[0]:
+        slots, k = sum(1 for tok in p if tok == model.placeholder_id), model.tokens_per_embedding
+        if slots != k * e.shape[0]:
             raise ValueError(f"prompt {i} has {slots} placeholder tokens (id {model.placeholder_id}) but "
-                             f"{e.shape[0]} embeddings; each placeholder takes one embedding, in order.")
+                             f"{e.shape[0]} embeddings; each embedding takes {k} placeholder(s), in order.")
         if len(p) + max_new_tokens > limit:
             raise ValueError(f"prompt {i}: {len(p)} tokens + max_new_tokens={max_new_tokens} exceed the decoder's "
                              f"max_position_embeddings={limit}.")
@@ -246,7 +246,7 @@ def check_inputs(model: ELM, prompts: Sequence[Sequence[int]], embeddings: Seque
 def generate(model: ELM, prompts: Sequence[Sequence[int]], embeddings: Sequence[np.ndarray],
              config: SamplingConfig, rng: jax.Array | int | None = None) -> list[list[int]]:
     """New token ids per prompt (up to and including the first stop id); embeddings[i] (n_i, d) fill prompt i's
-    placeholders in order. Same inputs, config and rng give the same outputs."""
+    placeholders in order, `model.tokens_per_embedding` each. Same inputs, config and rng give the same outputs."""
     embeddings = check_inputs(model, prompts, embeddings, config.max_new_tokens)
     if not prompts:
         return []

@@ -35,7 +35,7 @@ from jax.sharding import AbstractMesh, Mesh, PartitionSpec
 
 from ctelm_jax.errors import entry_point
 from ctelm_jax.data.pipeline import batch_spec
-from ctelm_jax.models.build import ModelSpec, decoder_config
+from ctelm_jax.models.build import ModelSpec, decoder_config, tokens_per_embedding
 from ctelm_jax.models.elm import ELM
 from ctelm_jax.models.llama import Constrain, LlamaConfig, no_constraint
 from ctelm_jax.parallel.mesh import MESH_AXES, resolve_mesh_shape
@@ -107,7 +107,7 @@ class Sizing:
 def abstract_elm(model_cfg: Mapping[str, Any], constrain: Constrain = no_constraint) -> ELM:
     """The ELM with ShapeDtypeStruct leaves (nothing allocated, no weights read)."""
     spec = ModelSpec(decoder_config(model_cfg), int(model_cfg["domain_dim"]), int(model_cfg["adapter_hidden"]), 0, 0,
-                     False, float(model_cfg.get("embed_pred_weight", 0.0)))
+                     False, float(model_cfg.get("embed_pred_weight", 0.0)), tokens_per_embedding(model_cfg))
     return nnx.eval_shape(lambda: spec.create(constrain))
 
 

@@ -19,7 +19,9 @@ from ctelm_jax import export
 from ctelm_jax.errors import UserError
 from ctelm_jax.hf import reference
 from ctelm_jax.models.adapter import Adapter, set_standardisation
-from ctelm_jax.models.build import build_elm
+from ctelm_jax.eval import prompts
+from ctelm_jax.generate import generate
+from ctelm_jax.models.build import build_elm, load_tokenizer
 from ctelm_jax.models.elm import ELM
 from ctelm_jax.models.llama import Llama, LlamaConfig
 from ctelm_jax.train.checkpoint import Checkpointer, CheckpointMismatch, restore_params
@@ -103,6 +105,7 @@ def test_transformers_matches_ctelm(tmp_path, tokenizer, lora, tied):
     assert (config["dim_embed_domain"], config["dim_adapter_hidden"], config["encoder"]) == (DOMAIN, HIDDEN,
                                                                                            "all-MiniLM-L6-v2")
     assert (config["placeholder_token"], config["placeholder_token_id"]) == ("<|embedding|>", 49152)
+    assert "tokens_per_embedding" not in config  # k = 1: OpenELM's config, as before k existed
     # The placeholder (past the decoder's 49152 rows) gets a zero row in every vocabulary table.
     assert (config["vocab_size"], config["placeholder_row"]) == (49153, True)
     generation = json.loads((out / "generation_config.json").read_text())
@@ -161,6 +164,56 @@ def test_transformers_matches_ctelm(tmp_path, tokenizer, lora, tied):
         plain = loaded.model.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), max_new_tokens=32)
     assert plain[0].tolist() == expected
     assert tokenizer.decode(plain[0]) == tokenizer.decode(expected)
+
+
+def test_k_soft_tokens_round_trip_and_match_transformers(tmp_path):
+    """k = 3 soft tokens per embedding (tiny config): config.json carries k, import reads it back, and the PyTorch
+    reference splits adapter.2's outputs into k tokens at k placeholders with ctelm_jax's logits and decoding."""
+    model_cfg = tiny.get_config().model
+    model_cfg.tokens_per_embedding = 3
+    tok = load_tokenizer(model_cfg)
+    elm = build_elm(model_cfg, tok)
+    randomize(elm, seed=4)
+    out = export_elm(elm, tok, tmp_path / "hf")
+    config = json.loads((out / "config.json").read_text())
+    assert config["tokens_per_embedding"] == 3
+    d_model = model_cfg.arch.hidden_size
+    assert read_tensors(out)["adapter.2.weight"].shape == (3 * d_model, model_cfg.adapter_hidden)
+    back, back_tok = import_elm(out)
+    assert back.tokens_per_embedding == back_tok.tokens_per_embedding == 3
+    assert_identical(flat_params(back.adapter), flat_params(elm.adapter))
+    assert_identical(decoder_to_hf(back.decoder), decoder_to_hf(elm.decoder, merge_lora=True))
+    with pytest.raises(ValueError, match="tokens_per_embedding=3"):
+        import_elm(out, tokenizer=Tokenizer(tok.hf, tok.placeholder))
+
+    loaded = reference.load(out)
+    ids = [prompts.instruction_prompt(tok, p) for p in PROMPTS]
+    length = max(map(len, ids))
+    tokens = np.full((2, length), tok.pad_id, np.int32)
+    mask = np.zeros((2, length), np.int32)
+    for row, seq in enumerate(ids):
+        tokens[row, :len(seq)], mask[row, :len(seq)] = seq, 1
+    assert (tokens == tok.placeholder_id).sum(axis=1).tolist() == [3, 6]
+    rng = np.random.default_rng(5)
+    embeddings = rng.standard_normal((2, 2, model_cfg.domain_dim)).astype(np.float32)
+    ours = np.asarray(elm(jnp.asarray(tokens), jnp.asarray(embeddings), segment_ids=jnp.asarray(mask))[0])
+    with torch.no_grad():
+        embeds = reference.embed_inputs(loaded.model, loaded.adapter, torch.tensor(tokens, dtype=torch.long),
+                                        torch.tensor(embeddings))
+        theirs = loaded.model(inputs_embeds=embeds, attention_mask=torch.tensor(mask)).logits.numpy()
+    real = mask.astype(bool)
+    theirs = theirs[..., :model_cfg.arch.vocab_size]
+    swapped = np.asarray(elm(jnp.asarray(tokens), jnp.asarray(embeddings[:, ::-1]), segment_ids=jnp.asarray(mask))[0])
+    assert np.abs(ours[real] - swapped[real]).max() > 0.1  # the soft tokens reach the logits, in order
+    assert np.abs(ours[real] - theirs[real]).max() <= 1e-4
+
+    # Greedy decoding: ctelm_jax's KV-cache generate, the reference's ids, and its prompt-level API (each
+    # placeholder written once, expanded to k there) agree.
+    emb = rng.standard_normal((2, model_cfg.domain_dim)).astype(np.float32)
+    expected = generate(elm, [ids[1]], [emb], prompts.sampling_config(tok, 12))[0]
+    got = reference.generate_ids(loaded, torch.tensor([ids[1]]), torch.tensor(emb[None]), 12)[0].tolist()
+    assert got == expected and len(expected) == 12
+    assert reference.generate(loaded, PROMPTS[1], emb, 12) == tok.decode(expected)
 
 
 def test_round_trip_peft_is_bit_identical(tmp_path, elm, tokenizer):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from ctelm_jax.data import corpus, pipeline, render
+from ctelm_jax.weights.tokenizer import Tokenizer
 
 SEQ, BATCH, E, D = 256, 4, 6, 8
 WEIGHTS = {"describe": 4, "attributes": 3, "compare": 1, "concept": 1, "eligibility": 1}
@@ -62,6 +63,22 @@ def test_batch_table(records, embeddings, tokenizer):
             emb_rows = batch["embeddings"][r, :k, 0].astype(int)
             assert np.allclose(batch["embeddings"][r, :k], embeddings[emb_rows])
             assert (tok[seg == 0] == tokenizer.pad_id).all()
+
+
+def test_k_placeholders_per_embedding_survive_packing(records, embeddings, tokenizer):
+    k = 3
+    three = Tokenizer(tokenizer.hf, tokenizer.placeholder, tokens_per_embedding=k)
+    for batch in _take(_make(records, embeddings, three), 2):
+        for r in range(BATCH):
+            tok, seg = batch["tokens"][r], batch["segment_ids"][r]
+            is_ph = tok == three.placeholder_id
+            used = np.abs(batch["embeddings"][r]).sum(-1) > 0
+            assert is_ph.sum() == k * used.sum()
+            # runs of k consecutive placeholders, each within one packed example
+            starts = np.flatnonzero(is_ph & ~np.concatenate([[False], is_ph[:-1]]))
+            for s in starts:
+                run = is_ph[s:].argmin() if not is_ph[s:].all() else len(is_ph) - s
+                assert run % k == 0 and len(set(seg[s:s + run])) == 1
 
 
 def test_deterministic_and_seed_dependent(records, embeddings, tokenizer):

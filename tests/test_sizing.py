@@ -100,6 +100,15 @@ def test_parameters_optimizer_and_flops_are_exact():
     assert align.flops_per_step == train_flops_per_token(cfg, config.data.seq_len, False) * tokens
 
 
+def test_k_soft_tokens_per_embedding_widen_the_adapter_output():
+    config = tiny.get_config()
+    one = sizing.size(config, 1).num_params
+    config.model.tokens_per_embedding = 3
+    m = config.model
+    # fc_out: (adapter_hidden + 1 bias row) x k * hidden_size, two more tokens' worth
+    assert sizing.size(config, 1).num_params - one == 2 * (m.adapter_hidden + 1) * m.arch.hidden_size
+
+
 def test_sharded_bytes_divide_over_the_mesh():
     """fsdp x tensor split every large matrix; the adapter's hidden axis goes over tensor only."""
     config = tiny.get_config()

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from ctelm_jax.data import corpus, render, tasks
+from ctelm_jax.weights.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +36,18 @@ def test_masked_targets_decode_to_the_target(task, records, tokenizer):
         assert ex["loss_mask"][:prompt_len - 1].sum() == 0  # nothing of the prompt is a target
         chat = tokenizer.chat([{"role": "user", "content": instruction.replace("{E}", tokenizer.placeholder)}])
         assert tokenizer.decode(prompt, skip_special_tokens=False) == chat  # generation sees the same prompt
+
+
+@pytest.mark.parametrize("task", ["describe", "compare"])
+def test_k_tokens_per_embedding_write_each_placeholder_k_times(task, records, tokenizer):
+    three = Tokenizer(tokenizer.hf, tokenizer.placeholder, tokens_per_embedding=3)
+    one = tasks.make_example(task, records, 17, np.random.default_rng(17), tokenizer, 2048)
+    ex = tasks.make_example(task, records, 17, np.random.default_rng(17), three, 2048)
+    ph = tokenizer.placeholder_id
+    assert ex["tokens"].tolist() == [u for t in one["tokens"].tolist() for u in ([t] * 3 if t == ph else [t])]
+    assert np.count_nonzero(ex["tokens"] == ph) == 3 * len(ex["embedding_indices"])
+    assert ex["embedding_indices"].tolist() == one["embedding_indices"].tolist()
+    assert _target_ids(ex).tolist() == _target_ids(one).tolist()
 
 
 def test_task_contents(records):

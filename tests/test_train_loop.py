@@ -71,6 +71,21 @@ def test_sigterm_then_resume_equals_uninterrupted(tmp_path):
         np.testing.assert_allclose(resumed[step], reference[step], rtol=1e-6, err_msg=f"step {step}")
 
 
+def test_three_soft_tokens_per_embedding_train_and_reload(tmp_path):
+    c = config()
+    c.model.tokens_per_embedding = 3
+    c.stages = [dict(c.stages[1], steps=2)]  # describe, attributes, compare: one and two embeddings per example
+    c.checkpoint.every_steps = c.eval.every_steps = 2
+    assert train(c, tmp_path)["status"] == "finished"
+    assert sorted(losses(tmp_path)) == [1, 2] and all(np.isfinite(list(losses(tmp_path).values())))
+    trained = load_trained(tmp_path)
+    assert trained.tokenizer.tokens_per_embedding == trained.model.tokens_per_embedding == 3
+    assert trained.model.adapter.fc_out.kernel[...].shape == (c.model.adapter_hidden, 3 * c.model.arch.hidden_size)
+    c.model.tokens_per_embedding = 1  # the same workdir with one soft token is another model
+    with pytest.raises(CheckpointMismatch, match="tokens_per_embedding"):
+        train(c, tmp_path)
+
+
 def test_checkpoint_from_2x4_mesh_restores_on_8x1_and_one_device(tmp_path):
     c = config(data=2, fsdp=4)
     train(c, tmp_path)

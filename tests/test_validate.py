@@ -34,6 +34,8 @@ def _set(config, key: str, value) -> None:
     ({"log_every": 0}, "log_every=0: must be positive"),
     ({"eval.every_steps": -1}, "eval.every_steps=-1: must be >= 0"),
     ({"data.max_records": -2}, "data.max_records=-2: must be >= 0"),
+    ({"model.tokens_per_embedding": 0}, "model.tokens_per_embedding=0: must be positive; set "
+                                        "--config.model.tokens_per_embedding to a number >= 1"),
 ])
 def test_bad_value_is_named_with_its_fix(changes, message):
     config = tiny.get_config()

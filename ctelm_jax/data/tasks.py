@@ -1,5 +1,5 @@
-"""Curriculum tasks: each turns corpus rows into one chat exchange whose user turn holds placeholder token(s) (one per
-embedding) and whose assistant turn is the target.
+"""Curriculum tasks: each turns corpus rows into one chat exchange whose user turn holds placeholder tokens (one
+`Tokenizer.slot` of k per embedding) and whose assistant turn is the target.
 
 Tasks (`TASKS`):
   describe     embedding -> the trial's canonical text (`render.render_fields`)
@@ -34,7 +34,7 @@ from ctelm_jax.weights.tokenizer import Tokenizer
 TASKS: tuple[str, ...] = ("describe", "attributes", "compare", "concept", "eligibility", "embed")
 ATTRIBUTES: tuple[str, ...] = ("phase", "conditions", "interventions", "ages", "sex", "status")
 ELIGIBILITY_MAX_CHARS = 1200
-_E = "{E}"  # stands for the placeholder token in instruction templates
+_E = "{E}"  # stands for one embedding's placeholder tokens (`Tokenizer.slot`) in instruction templates
 
 
 class Example(TypedDict):
@@ -42,7 +42,7 @@ class Example(TypedDict):
 
     tokens: np.ndarray  # int32 (L,)
     loss_mask: np.ndarray  # float32 (L,): 1 where tokens[t + 1] is a target token
-    embedding_indices: np.ndarray  # int32 (k,): corpus rows whose embeddings fill the k placeholders, in order
+    embedding_indices: np.ndarray  # int32 (n,): corpus rows whose embeddings fill the n slots, in order
     task: str
     pool_mask: np.ndarray  # float32 (L,): 1 on the tokens of the text whose embedding is predicted (`embed` only)
     target_indices: np.ndarray  # int32 (0,) or (1,): the corpus row whose embedding that text should get
@@ -299,7 +299,7 @@ def make_example(task: str, records: Sequence[Mapping], index: int, rng: np.rand
                        embedding_indices=none, task=task, pool_mask=pool_mask,
                        target_indices=np.asarray([index], np.int32))
     instruction, target, rows = make_text(task, records, index, rng)
-    instruction = instruction.replace(_E, tokenizer.placeholder)
+    instruction = instruction.replace(_E, tokenizer.slot)
     target = target.replace(tokenizer.placeholder, " ")
     prompt = encode_prompt(tokenizer, instruction)
     room = max_len - len(prompt)

@@ -20,12 +20,13 @@ MARKER = "{E}"  # the placeholder marker of `data.tasks` instruction templates; 
 
 
 def instruction_prompt(tokenizer: Tokenizer, instruction: str) -> list[int]:
-    """The chat prompt of an instruction whose embeddings are marked by "{E}" or the placeholder token itself."""
-    text = instruction.replace(MARKER, tokenizer.placeholder)
-    if tokenizer.placeholder not in text:
+    """The chat prompt of an instruction whose embeddings are each marked by "{E}" or one placeholder token (each
+    written out as the k placeholders of `Tokenizer.slot`)."""
+    text = instruction.replace(tokenizer.placeholder, MARKER)
+    if MARKER not in text:
         raise ValueError(f"the question {instruction!r} has no embedding slot; write {MARKER} or "
                          f"{tokenizer.placeholder} where the trial goes, e.g. 'What phase is the trial {MARKER}?'")
-    return tasks.encode_prompt(tokenizer, text)
+    return tasks.encode_prompt(tokenizer, text.replace(MARKER, tokenizer.slot))
 
 
 def describe_prompt(tokenizer: Tokenizer) -> list[int]:
@@ -46,8 +47,8 @@ def compare_prompt(tokenizer: Tokenizer) -> list[int]:
 
 
 def slots(tokenizer: Tokenizer, prompt: list[int]) -> int:
-    """How many embeddings `prompt` takes."""
-    return sum(1 for t in prompt if t == tokenizer.placeholder_id)
+    """How many embeddings `prompt` takes (k placeholders each)."""
+    return sum(1 for t in prompt if t == tokenizer.placeholder_id) // tokenizer.tokens_per_embedding
 
 
 def stop_ids(tokenizer: Tokenizer) -> tuple[int, ...]:

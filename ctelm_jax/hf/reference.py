@@ -5,7 +5,9 @@
 
 `--embeddings` holds one vector per placeholder in the prompt, shape (n, d) (or (d,) for one). The folder is what
 `python -m ctelm_jax.export` writes: a Hugging Face Llama folder whose state dict also holds the adapter
-(`adapter.0.*`, `adapter.2.*`), with the LoRA merged in or as a PEFT adapter beside it.
+(`adapter.0.*`, `adapter.2.*`), with the LoRA merged in or as a PEFT adapter beside it. A model with
+`tokens_per_embedding` = k > 1 in config.json turns each embedding into k soft tokens (`adapter.2`'s outputs split in
+k, in order) at k consecutive placeholders: `generate` writes each placeholder of the prompt k times.
 """
 
 from __future__ import annotations
@@ -106,11 +108,17 @@ def load(folder: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Loade
     return Loaded(model.eval(), AutoTokenizer.from_pretrained(str(folder)), load_adapter(folder, dtype))
 
 
+def tokens_per_embedding(model: LlamaForCausalLM) -> int:
+    """k, the soft tokens per embedding (config.json's `tokens_per_embedding`, absent: 1)."""
+    return int(getattr(model.config, "tokens_per_embedding", 1))
+
+
 def embed_inputs(
     model: LlamaForCausalLM, adapter: torch.nn.Sequential, input_ids: torch.Tensor, embeddings: torch.Tensor,
     placeholder_id: int | None = None,
 ) -> torch.Tensor:
-    """Input embeddings (B, T, D) with adapter(embeddings[b, k]) at the k-th placeholder of row b.
+    """Input embeddings (B, T, D) with the adapter's soft tokens at the placeholders of row b: with k soft tokens per
+    embedding, token j of adapter(embeddings[b, e]) at placeholder e * k + j.
 
     `input_ids` (B, T); `embeddings` (B, E, d). The placeholder id (default: config.json's `placeholder_token_id`)
     may lie past the model's vocabulary, so it is never looked up.
@@ -118,11 +126,13 @@ def embed_inputs(
     placeholder_id = model.config.placeholder_token_id if placeholder_id is None else placeholder_id
     is_placeholder = input_ids == placeholder_id
     counts = is_placeholder.sum(dim=1)
-    if int(counts.max()) > embeddings.shape[1]:
-        raise ValueError(f"a row has {int(counts.max())} placeholder tokens but only {embeddings.shape[1]} "
-                         "embeddings were given.")
     token_embeds = model.get_input_embeddings()(input_ids.masked_fill(is_placeholder, 0))
+    b, e, _ = embeddings.shape
     soft = adapter(embeddings.to(next(adapter.parameters()).dtype)).to(token_embeds.dtype)
+    soft = soft.reshape(b, e * tokens_per_embedding(model), token_embeds.shape[-1])  # (B, E * k, D)
+    if int(counts.max()) > soft.shape[1]:
+        raise ValueError(f"a row has {int(counts.max())} placeholder tokens but only {e} embeddings of "
+                         f"{tokens_per_embedding(model)} soft token(s) were given.")
     slot = (is_placeholder.cumsum(dim=1) - 1).clamp(min=0)
     gathered = torch.gather(soft, 1, slot[..., None].expand(-1, -1, soft.shape[-1]))
     return torch.where(is_placeholder[..., None], gathered, token_embeds)
@@ -144,18 +154,20 @@ def generate(
     folder_or_loaded: str | os.PathLike | Loaded, prompt: str, embeddings: np.ndarray | torch.Tensor,
     max_new_tokens: int = 128, greedy: bool = True, chat: bool = True,
 ) -> str:
-    """The model's answer to `prompt`, whose placeholder tokens receive `embeddings` (n, d) in order."""
+    """The model's answer to `prompt`, whose placeholder tokens receive `embeddings` (n, d) in order (each one written
+    k times for a model of k soft tokens per embedding)."""
     loaded = folder_or_loaded if isinstance(folder_or_loaded, Loaded) else load(folder_or_loaded)
-    tokenizer = loaded.tokenizer
+    tokenizer, config = loaded.tokenizer, loaded.model.config
+    prompt = prompt.replace(config.placeholder_token, config.placeholder_token * tokens_per_embedding(loaded.model))
     if chat:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                add_generation_prompt=True)
     ids = tokenizer.encode(prompt, add_special_tokens=False)
     embeddings = torch.as_tensor(np.asarray(embeddings, np.float32)).reshape(-1, loaded.adapter[0].in_features)
-    placeholders = ids.count(loaded.model.config.placeholder_token_id)
+    placeholders = ids.count(config.placeholder_token_id) // tokens_per_embedding(loaded.model)
     if placeholders != len(embeddings):
         raise ValueError(f"the prompt has {placeholders} placeholder tokens "
-                         f"({loaded.model.config.placeholder_token!r}) but {len(embeddings)} embeddings were given.")
+                         f"({config.placeholder_token!r}) but {len(embeddings)} embeddings were given.")
     new = generate_ids(loaded, torch.tensor([ids]), embeddings[None], max_new_tokens, greedy)
     return tokenizer.decode(new[0], skip_special_tokens=True)
 

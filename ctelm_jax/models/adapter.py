@@ -1,5 +1,6 @@
-"""The adapter: one domain embedding -> one soft token, Linear -> ReLU -> Linear (as ELM and OpenELM), applied to the
-embedding standardised by the training corpus's statistics.
+"""The adapter: one domain embedding -> k soft tokens, Linear -> ReLU -> Linear (as ELM and OpenELM, whose k is 1;
+vec2text expands one vector into several), applied to the embedding standardised by the training corpus's statistics.
+The second Linear's k * model-dim outputs are the k tokens in order: token j is outputs [j * D, (j + 1) * D).
 
 Sentence embeddings of one corpus crowd together (all-MiniLM-L6-v2 on the shipped trials: mean pairwise cosine 0.35,
 per-dimension std 0.04), so the part that tells trials apart is small next to the shared mean. `(e - mean) / scale`
@@ -22,11 +23,11 @@ class InputStats(nnx.Variable):
 
 
 class Adapter(nnx.Module):
-    """e (..., d_domain) -> W2 relu(W1 (e - mean) / scale + b1) + b2 (..., d_model)."""
+    """e (..., d_domain) -> W2 relu(W1 (e - mean) / scale + b1) + b2, reshaped to k tokens (..., k, d_model)."""
 
     def __init__(
         self, domain_dim: int, hidden_dim: int, model_dim: int, *, rngs: nnx.Rngs,
-        param_dtype: jnp.dtype = jnp.float32, dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32, dtype: jnp.dtype = jnp.float32, tokens_per_embedding: int = 1,
     ):
         self.input_mean = InputStats(jnp.zeros((domain_dim,), jnp.float32), out_sharding=("domain",),
                                      eager_sharding=False)
@@ -34,13 +35,15 @@ class Adapter(nnx.Module):
                                       eager_sharding=False)
         self.fc_in = Dense(domain_dim, hidden_dim, ("domain", "adapter"), rngs=rngs, use_bias=True,
                            param_dtype=param_dtype, dtype=dtype)
-        self.fc_out = Dense(hidden_dim, model_dim, ("adapter", "embed"), rngs=rngs, use_bias=True,
-                            param_dtype=param_dtype, dtype=dtype)
+        self.fc_out = Dense(hidden_dim, tokens_per_embedding * model_dim, ("adapter", "embed"), rngs=rngs,
+                            use_bias=True, param_dtype=param_dtype, dtype=dtype)
         self.domain_dim = domain_dim
+        self.tokens_per_embedding = tokens_per_embedding
 
     def __call__(self, e: jax.Array) -> jax.Array:
         x = (e.astype(jnp.float32) - self.input_mean[...]) / self.input_scale[...]
-        return self.fc_out(jax.nn.relu(self.fc_in(x)))
+        y = self.fc_out(jax.nn.relu(self.fc_in(x)))
+        return y.reshape(*y.shape[:-1], self.tokens_per_embedding, -1)
 
 
 def standardisation(embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -97,9 +97,14 @@ def load_tokenizer_dir(model_cfg: Mapping[str, Any]) -> Path:
     return decoder_dir(model_cfg)
 
 
+def tokens_per_embedding(model_cfg: Mapping[str, Any]) -> int:
+    """k, the soft tokens per embedding (1 in runs written before the setting existed)."""
+    return int(model_cfg.get("tokens_per_embedding", 1))
+
+
 def load_tokenizer(model_cfg: Mapping[str, Any]) -> Tokenizer:
-    """The tokenizer named by `tokenizer`, else the decoder folder's."""
-    return Tokenizer.from_dir(load_tokenizer_dir(model_cfg))
+    """The tokenizer named by `tokenizer`, else the decoder folder's, writing k placeholders per embedding."""
+    return Tokenizer.from_dir(load_tokenizer_dir(model_cfg), tokens_per_embedding=tokens_per_embedding(model_cfg))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +118,7 @@ class ModelSpec:
     placeholder_id: int
     pretrained: bool  # the decoder's base parameters come from its folder, not from the seed
     embed_pred_weight: float = 0.0  # > 0: an embedding-prediction head whose loss has this weight
+    tokens_per_embedding: int = 1  # k: the adapter's soft tokens per embedding
 
     def __hash__(self) -> int:
         return hash(repr(self))  # by value, also when a field read from JSON is a list (eos_token_id)
@@ -124,7 +130,8 @@ class ModelSpec:
         rngs = nnx.Rngs(self.seed)
         decoder = Llama(self.cfg, rngs=rngs, constrain=constrain)
         adapter = Adapter(self.domain_dim, self.adapter_hidden, self.cfg.hidden_size, rngs=rngs,
-                          param_dtype=jnp.dtype(self.cfg.param_dtype), dtype=jnp.dtype(self.cfg.dtype))
+                          param_dtype=jnp.dtype(self.cfg.param_dtype), dtype=jnp.dtype(self.cfg.dtype),
+                          tokens_per_embedding=self.tokens_per_embedding)
         if stats is not None:
             adapter.input_mean[...], adapter.input_scale[...] = stats
         head = EmbedHead(self.cfg.hidden_size, self.domain_dim, self.embed_pred_weight, rngs=rngs,
@@ -138,14 +145,19 @@ class ModelSpec:
 
 
 def model_spec(model_cfg: Mapping[str, Any], tokenizer: Tokenizer) -> ModelSpec:
-    """The ModelSpec of a config's model section, checking that the tokenizer fits the decoder's vocabulary."""
+    """The ModelSpec of a config's model section, checking that the tokenizer fits the decoder's vocabulary and
+    writes the config's k placeholders per embedding."""
     cfg = decoder_config(model_cfg)
     if len(tokenizer) > cfg.vocab_size + 1:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the decoder's vocabulary is {cfg.vocab_size}; "
                          "they do not belong together (set model.tokenizer to the decoder's tokenizer).")
+    k = tokens_per_embedding(model_cfg)
+    if tokenizer.tokens_per_embedding != k:
+        raise ValueError(f"the tokenizer writes {tokenizer.tokens_per_embedding} placeholder(s) per embedding but "
+                         f"model.tokens_per_embedding={k}; build it with load_tokenizer(model_cfg).")
     return ModelSpec(cfg, int(model_cfg["domain_dim"]), int(model_cfg["adapter_hidden"]), int(model_cfg["seed"]),
                      tokenizer.placeholder_id, model_cfg["decoder"] != RANDOM,
-                     float(model_cfg.get("embed_pred_weight", 0.0)))
+                     float(model_cfg.get("embed_pred_weight", 0.0)), k)
 
 
 def abstract_elm(model_cfg: Mapping[str, Any], tokenizer: Tokenizer, constrain: Constrain = no_constraint) -> ELM:
@@ -186,8 +198,11 @@ def model_signature(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
     """What must match for a checkpoint to load into this model: architecture, adapter and LoRA shapes."""
     cfg = decoder_config(model_cfg)
     arch = cfg.to_hf_dict()
-    # "embed_head" only with a head, so that checkpoints written before heads existed still match.
+    # "embed_head" only with a head and "tokens_per_embedding" only when k > 1, so that checkpoints written before
+    # either existed still match.
+    tokens = tokens_per_embedding(model_cfg)
     return {**{k: arch[k] for k in SHAPE_FIELDS}, "domain_dim": int(model_cfg["domain_dim"]),
             "adapter_hidden": int(model_cfg["adapter_hidden"]), "lora_rank": cfg.lora_rank,
             "lora_targets": sorted(cfg.lora_targets) if cfg.lora_rank else [], "scan_layers": cfg.scan_layers,
-            **({"embed_head": True} if float(model_cfg.get("embed_pred_weight", 0.0)) > 0 else {})}
+            **({"embed_head": True} if float(model_cfg.get("embed_pred_weight", 0.0)) > 0 else {}),
+            **({"tokens_per_embedding": tokens} if tokens != 1 else {})}

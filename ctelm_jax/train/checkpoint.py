@@ -164,9 +164,11 @@ class Checkpointer:
         return out["state"]
 
     def check_meta(self, step: int, expected: dict) -> None:
-        """Raises CheckpointMismatch when the saved model identity differs from `expected`."""
+        """Raises CheckpointMismatch when the saved model identity differs from `expected` (a key either side lacks
+        differs too: a k = 3 checkpoint is not the k = 1 model whose signature omits k)."""
         saved = self.restore_meta(step)[0]
-        diff = {k: (saved.get(k), v) for k, v in expected.items() if saved.get(k) != v}
+        diff = {k: (saved.get(k), expected.get(k)) for k in sorted(expected.keys() | saved.keys())
+                if saved.get(k) != expected.get(k)}
         if diff:
             lines = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
             raise CheckpointMismatch(

@@ -16,8 +16,8 @@ from ctelm_jax.train.curriculum import Curriculum
 from ctelm_jax.train.precision import frozen_dtype
 
 # Keys that count something a run needs at least one of, and keys where 0 switches a feature off.
-POSITIVE = ("data.seq_len", "data.global_batch_size", "data.max_embeddings_per_row", "checkpoint.every_steps",
-            "checkpoint.keep", "eval.batches", "log_every")
+POSITIVE = ("model.tokens_per_embedding", "data.seq_len", "data.global_batch_size", "data.max_embeddings_per_row",
+            "checkpoint.every_steps", "checkpoint.keep", "eval.batches", "log_every")
 NON_NEGATIVE = ("data.max_records", "data.prefetch", "eval.every_steps", "export.every_steps")
 
 

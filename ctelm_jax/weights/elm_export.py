@@ -5,7 +5,9 @@ The layout is OpenELM's: `model.safetensors` (sharded with an index above a size
 adapter as a `torch.nn.Sequential`, PyTorch (out, in) layout); `config.json` is the Llama config plus
 `dim_embed_domain`, `dim_adapter_hidden`, `placeholder_token(_id)` and the encoder's name. An embedding-prediction head
 (`models.embed_head`) is stored as `embed_head.weight/bias` (PyTorch layout) with its loss weight as
-`embed_pred_weight` in config.json. LoRA is either merged
+`embed_pred_weight` in config.json. An adapter that emits k > 1 soft tokens per embedding (`models.adapter`) has
+`adapter.2` of k * hidden_size outputs (token j: rows [j * hidden_size, (j + 1) * hidden_size)) and
+`tokens_per_embedding: k` in config.json (absent: 1, so a k = 1 folder is OpenELM's). LoRA is either merged
 into the base weights or kept beside them as a PEFT adapter (`adapter_config.json`, `adapter_model.safetensors`).
 Tokenizer files (with chat template and placeholder token) and `generation_config.json` complete the folder.
 
@@ -64,6 +66,7 @@ GENERATION_CONFIG = "generation_config.json"
 PEFT_PREFIX = "base_model.model."
 CONFIG = "config.json"  # written last into a remote folder: a folder holding it is complete
 PLACEHOLDER_ROW = "placeholder_row"  # config.json: the table holds an appended row for the placeholder (module doc)
+TOKENS_PER_EMBEDDING = "tokens_per_embedding"  # config.json: k soft tokens per embedding (absent: 1)
 VOCAB_TABLES = ("model.embed_tokens.weight", "lm_head.weight")  # HF tensors with one row per vocabulary id
 LORA_MODES = ("merge", "peft")
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
@@ -97,8 +100,8 @@ def adapter_from_hf(adapter: Adapter, tensors: Tensors, source: str = "checkpoin
             value = tensors[name].T if transpose else tensors[name]
             if value.shape != var[...].shape:
                 raise CheckpointError(f"{source}: tensor {name!r} has shape {tensors[name].shape}, but config.json "
-                                      f"(dim_embed_domain, dim_adapter_hidden, hidden_size) implies "
-                                      f"{var[...].shape[::-1] if transpose else var[...].shape}.")
+                                      "(dim_embed_domain, dim_adapter_hidden, hidden_size, tokens_per_embedding) "
+                                      f"implies {var[...].shape[::-1] if transpose else var[...].shape}.")
             updates.append((var, jnp.asarray(value, var[...].dtype)))
     for var, value in updates:
         var[...] = value
@@ -180,6 +183,7 @@ def elm_hf_config(model: ELM, tokenizer: Tokenizer, extra_config: Mapping[str, A
         "dim_embed_domain": int(model.adapter.fc_in.kernel[...].shape[0]),
         "dim_adapter_hidden": int(model.adapter.fc_in.kernel[...].shape[1]),
         "placeholder_token": tokenizer.placeholder, "placeholder_token_id": int(tokenizer.placeholder_id),
+        **({TOKENS_PER_EMBEDDING: model.tokens_per_embedding} if model.tokens_per_embedding != 1 else {}),
         **({"embed_pred_weight": model.embed_head.loss_weight} if model.embed_head is not None else {}),
         **dict(extra_config or {}),
     }
@@ -258,6 +262,9 @@ def export_elm(
     if model.placeholder_id != tokenizer.placeholder_id:
         raise ValueError(f"the model's placeholder id {model.placeholder_id} is not the tokenizer's "
                          f"{tokenizer.placeholder_id} ({tokenizer.placeholder!r}); they do not belong together.")
+    if model.tokens_per_embedding != tokenizer.tokens_per_embedding:
+        raise ValueError(f"the model takes {model.tokens_per_embedding} soft token(s) per embedding but the tokenizer "
+                         f"writes {tokenizer.tokens_per_embedding} placeholder(s); they do not belong together.")
     out = check_target(out_dir, overwrite)
     tensors = {**decoder_to_hf(model.decoder, merge_lora=lora == "merge"), **adapter_to_hf(model.adapter, jnp.dtype(cfg.param_dtype))}
     if model.embed_head is not None:
@@ -337,8 +344,12 @@ def _import_local(folder: Path, tokenizer: Tokenizer | None, placeholder: str | 
         raise ValueError(f"{folder / PEFT_CONFIG} sets {conflicts} (adapter vs override); drop the LoRA overrides "
                          "or export with lora='merge' to start new LoRA factors.")
     cfg = LlamaConfig.from_hf_dict(hf, **{**overrides, **lora})
+    k = int(hf.get(TOKENS_PER_EMBEDDING, 1))
     if tokenizer is None:
-        tokenizer = Tokenizer.from_dir(folder, placeholder or hf.get("placeholder_token"))
+        tokenizer = Tokenizer.from_dir(folder, placeholder or hf.get("placeholder_token"), k)
+    if tokenizer.tokens_per_embedding != k:
+        raise ValueError(f"the tokenizer writes {tokenizer.tokens_per_embedding} placeholder(s) per embedding but "
+                         f"{folder / CONFIG} has {TOKENS_PER_EMBEDDING}={k}; pass a tokenizer made with {k}.")
     if len(tokenizer) > cfg.vocab_size + 1:
         raise CheckpointError(f"{folder}: tokenizer has {len(tokenizer)} tokens but the decoder's vocabulary is "
                               f"{cfg.vocab_size}; they do not belong together.")
@@ -349,7 +360,7 @@ def _import_local(folder: Path, tokenizer: Tokenizer | None, placeholder: str | 
     decoder = Llama(cfg, rngs=rngs)
     decoder_from_hf(decoder, tensors, source=str(folder))
     adapter = Adapter(int(hf["dim_embed_domain"]), int(hf["dim_adapter_hidden"]), cfg.hidden_size, rngs=rngs,
-                      param_dtype=jnp.dtype(cfg.param_dtype), dtype=jnp.dtype(cfg.dtype))
+                      param_dtype=jnp.dtype(cfg.param_dtype), dtype=jnp.dtype(cfg.dtype), tokens_per_embedding=k)
     adapter_from_hf(adapter, tensors, source=str(folder))
     if lora:
         weights = folder / PEFT_WEIGHTS
