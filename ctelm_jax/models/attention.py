@@ -1,10 +1,12 @@
-"""Causal self-attention within packed segments, by one of three implementations (`model.attention`):
+"""Causal self-attention within packed segments, by one of three implementations (`model.attention`)
+or "auto":
 
 - "xla": `jax.nn.dot_product_attention` with a dense (B, T, S) mask; XLA holds the (B, N, T, S) scores. Decoding
   with a KV cache (T new tokens against S cache slots) always takes it: there T is 1 or a prompt.
 - "splash": the TPU splash-attention Pallas kernel (causal mask, `SegmentIds`, grouped-query heads native), tiled
-  so that no T x S array exists; run per shard by `shard_map` over the mesh of a `parallel.rules.Constrainer` (batch
-  over its batch axes, heads over its head axes). Off TPU the kernel runs in Pallas interpret mode (slow: tests).
+  so that no T x S array exists (the length padded to a multiple of 128 by tokens of a segment of their own); run
+  per shard by `shard_map` over the mesh of a `parallel.rules.Constrainer` (batch over its batch axes, heads over
+  its head axes). Off TPU the kernel runs in Pallas interpret mode (slow: tests).
 - "cudnn": cuDNN flash attention (`jax.nn.dot_product_attention(implementation="cudnn")`, GPU, bf16 / fp16 only).
   jax's API takes no segment ids, so packing goes in as the (B, 1, T, S) boolean mask, which cuDNN adds as a bias:
   T x S per row in the compute dtype, never the (B, N, T, S) scores.
