@@ -1,5 +1,4 @@
-"""Causal self-attention within packed segments, by one of three implementations (`model.attention`)
-or "auto":
+"""Causal self-attention within packed segments by one of three implementations or "auto" (`model.attention`):
 
 - "xla": `jax.nn.dot_product_attention` with a dense (B, T, S) mask; XLA holds the (B, N, T, S) scores. Decoding
   with a KV cache (T new tokens against S cache slots) always takes it: there T is 1 or a prompt.
