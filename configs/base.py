@@ -17,6 +17,9 @@ def base_config() -> ml_collections.ConfigDict:
         arch=ml_collections.ConfigDict(),  # LlamaConfig fields: the random decoder's shape, or the shape a pretrained
                                     # folder must have (checked at start; the sizing and AOT tools read it)
         dtype="float32", param_dtype="float32", scan_layers=False, remat_policy="none",
+        attention="auto",           # 'auto' (splash on TPU, cudnn on GPU in bf16, else xla), 'xla' (dense mask and
+                                    # scores), 'splash' (TPU Pallas kernel), 'cudnn' (models/attention.py); decoding
+                                    # with a KV cache always uses xla
         frozen_dtype="float32",     # storage of the groups no stage trains (the frozen base): 'bfloat16' halves it;
                                     # trained groups keep param_dtype masters (train/precision.py)
         lora_rank=16, lora_alpha=32.0, lora_targets=("q_proj", "k_proj"),

@@ -10,7 +10,8 @@ Memory (the TPU compiler: `python -m ctelm_jax.aot --config=configs/llama31_8b_f
 --find_batch`): fp32 parameters, gradients and AdamW moments of the 8B decoder are 120 GiB, 30 GiB per chip over the
 4 chips of a v5p-8, the smallest v5p slice. With `dots_no_batch` remat (layer matmul outputs kept, the attention
 products and elementwise work recomputed) the finetune stage at 24 rows of 512 tokens per chip (global 96) peaks at
-83.5 GiB per chip, 88% of 95 GiB; 25 rows leave less than 10% (BENCHMARKS.md "TPU compiler (ahead of time)").
+83.5 GiB per chip, 88% of 95 GiB; 25 rows leave less than 10% (BENCHMARKS.md "TPU compiler (ahead of time)"). The
+splash attention kernel (`model.attention` auto, from the LoRA recipe) peaks the same here (issue 14).
 """
 
 import ml_collections

@@ -12,9 +12,11 @@ against it.
 Memory (the TPU compiler: `python -m ctelm_jax.aot --config=configs/llama31_8b_v5p8.py --topology=v5p:2x2x1`): with
 fp32 parameters (Adam on the adapter and LoRA factors stays exact), bf16 compute, scanned layers and no remat,
 fsdp=4 keeps 7.5 GiB of parameters per chip; the multitask stage (the larger one) at 12 rows of 512 tokens per chip
-(global 48) peaks at 81.6 GiB per chip, 86% of 95 GiB; 13 rows (91.8%) would leave less than 10%. The sizing tool
-(`python -m ctelm_jax.sizing ... --num_devices=4 --memory_gib=95`) says 75.6 GiB. Rendered trials are ~130 tokens;
-rows pack several tasks.
+(global 48) peaks at 65.1 GiB per chip, 68% of 95 GiB, with the splash attention kernel (`model.attention` auto on
+TPU); 16 rows (global 64, 86%) would fit too. With `--config.model.attention=xla` 48 peaks at 81.6 GiB (86%) and 13
+rows would leave less than 10% (BENCHMARKS.md, issue 14). The sizing tool (`python -m ctelm_jax.sizing ...
+--num_devices=4 --memory_gib=95`) says 75.6 GiB: it counts the dense attention's probabilities. Rendered trials are
+~130 tokens; rows pack several tasks.
 """
 
 import ml_collections
@@ -37,6 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"
     c.model.scan_layers = True
     c.model.remat_policy = "none"
+    c.model.attention = "auto"  # on TPU the splash kernel: no (rows, heads, 512, 512) scores held (models/attention.py)
     c.model.lora_rank = 16
     c.model.lora_alpha = 32.0
     c.model.lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from configs import tiny
-from ctelm_jax import aot
+from ctelm_jax import aot, sizing
 from ctelm_jax.errors import UserError
+from ctelm_jax.parallel.mesh import make_mesh
 
 REPO = Path(__file__).resolve().parents[1]
 TOPOLOGY = "v5p:2x2x1"
@@ -43,6 +44,18 @@ def test_train_steps_compile_with_memory_and_the_analytic_flops(devices):
         assert p.memory["peak"] < aot.hbm_bytes_per_device(devices)
         assert p.counted_flops == p.step_flops  # no scanned layers: the compiler counts every layer
         assert 1.0 <= p.flops / p.counted_flops <= 1.10, p
+
+
+def test_train_step_compiles_with_the_splash_kernel(devices):
+    """With model.attention='splash' the tiny config's train step (seq 64, padded to the kernel's 128) compiles for
+    the v5p with splash attention's Pallas kernels as TPU custom calls: the forward (saving its residuals for the
+    backward) and both backward kernels (dq, dk / dv), with segment ids."""
+    config = tiny.get_config()
+    config.model.attention = "splash"
+    text = sizing.lower_train_step(config, 0, make_mesh(dict(config.mesh), devices)).compile().as_text()
+    assert 'custom_call_target="tpu_custom_call"' in text
+    for kernel in ("splash_mha_fwd_segmented_residuals", "splash_mha_dq_segmented", "splash_mha_dkv_segmented"):
+        assert kernel in text, kernel
 
 
 def test_unknown_topology_names_the_fix():

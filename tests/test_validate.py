@@ -36,6 +36,8 @@ def _set(config, key: str, value) -> None:
     ({"data.max_records": -2}, "data.max_records=-2: must be >= 0"),
     ({"model.tokens_per_embedding": 0}, "model.tokens_per_embedding=0: must be positive; set "
                                         "--config.model.tokens_per_embedding to a number >= 1"),
+    ({"model.attention": "flash"}, "model.attention='flash'; choose one of auto, xla, splash, cudnn"),
+    ({"model.attention": "cudnn"}, "model.attention='cudnn' needs a 16-bit compute dtype, not model.dtype='float32'"),
 ])
 def test_bad_value_is_named_with_its_fix(changes, message):
     config = tiny.get_config()

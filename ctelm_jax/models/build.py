@@ -64,6 +64,7 @@ def decoder_config(model_cfg: Mapping[str, Any]) -> LlamaConfig:
     """The decoder's LlamaConfig plus runtime fields: `arch` where the config declares it (a random decoder, or the
     declared shape of a pretrained one, which `build_elm` checks against its config.json), else config.json."""
     runtime = {k: (tuple(model_cfg[k]) if k == "lora_targets" else model_cfg[k]) for k in RUNTIME_FIELDS}
+    runtime["attention"] = str(model_cfg.get("attention", "auto"))  # runs saved before the key: auto
     if model_cfg.get("arch"):
         return _arch_config(model_cfg, runtime)
     if model_cfg["decoder"] == RANDOM:

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ctelm_jax.models.attention import attend
 from ctelm_jax.models.layers import LogicalAxes, RMSNorm, logical_param
 from ctelm_jax.models.lora import Projection
 
@@ -67,6 +68,7 @@ class LlamaConfig:
     dtype: str = "float32"
     scan_layers: bool = False
     remat_policy: str = "none"
+    attention: str = "auto"  # models.attention.IMPLEMENTATIONS: auto, xla, splash, cudnn
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj")
@@ -193,12 +195,15 @@ class Attention(nnx.Module):
         self.v_proj = proj("v_proj", d, kv, ("embed", "kv_heads"))
         self.o_proj = proj("o_proj", h, d, ("heads", "embed"))
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.implementation = cfg.attention
         self.constrain = constrain
 
     def __call__(
-        self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array, mask: jax.Array,
+        self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array, segments: tuple[jax.Array, jax.Array],
         cache_kv: tuple[jax.Array, jax.Array] | None, start: jax.Array | None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """Attention of x's T tokens (segment ids `segments` = (queries', keys')) over themselves, or over the cache
+        slots with the T new keys / values written at `start`."""
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -210,7 +215,8 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype), (0, start, 0, 0))
             v = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype), (0, start, 0, 0))
             cache_kv = (k, v)
-        out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask[:, None])
+        out = attend(q, k.astype(q.dtype), v.astype(q.dtype), *segments, start=start,
+                     implementation=self.implementation, constrain=self.constrain)
         out = self.constrain(out.reshape(b, t, -1), ("batch", "length", "act_heads"))
         return self.o_proj(out), cache_kv
 
@@ -247,9 +253,9 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, rngs=rngs, constrain=constrain)
         self.constrain = constrain
 
-    def __call__(self, x, positions, inv_freq, mask, cache_kv=None, start=None):
+    def __call__(self, x, positions, inv_freq, segments, cache_kv=None, start=None):
         """One layer; returns the new residual stream and this layer's updated (k, v) cache or None."""
-        attn, cache_kv = self.self_attn(self.input_layernorm(x), positions, inv_freq, mask, cache_kv, start)
+        attn, cache_kv = self.self_attn(self.input_layernorm(x), positions, inv_freq, segments, cache_kv, start)
         x = self.constrain(x + attn, ("batch", "length", "act_embed"))
         x = self.constrain(x + self.mlp(self.post_attention_layernorm(x)), ("batch", "length", "act_embed"))
         return x, cache_kv
@@ -312,20 +318,16 @@ class Llama(nnx.Module):
         start = None if cache is None else cache["end"]
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t), (b, t)) + (0 if start is None else start)
-        q_slots = jnp.arange(t) + (0 if start is None else start)
         if cache is None:
-            key_segments, k_slots = segment_ids, jnp.arange(t)
+            key_segments = segment_ids
         else:
             key_segments = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids, (0, start))
-            k_slots = jnp.arange(key_segments.shape[1])
-        mask = (k_slots[None, None, :] <= q_slots[None, :, None]) & (
-            key_segments[:, None, :] == segment_ids[:, :, None])
         inv_freq = rope_frequencies(cfg)
         policy = REMAT_POLICIES[cfg.remat_policy]
         has_cache = cache is not None
 
         def run_block(block: Block, h: jax.Array, kv):
-            return block(h, positions, inv_freq, mask, kv, start)
+            return block(h, positions, inv_freq, (segment_ids, key_segments), kv, start)
 
         if cfg.remat_policy != "none":
             run_block = nnx.remat(run_block, policy=policy)

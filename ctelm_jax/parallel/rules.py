@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 from typing import Any, Sequence
 
 import jax
@@ -67,13 +67,25 @@ def state_shardings(state: Any, mesh: Mesh, rules: Rules) -> Any:
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def _constrain(x: jax.Array, axes: tuple[str | None, ...], *, mesh: Mesh, rules: Rules) -> jax.Array:
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, rules, mesh)))
+@dataclasses.dataclass(frozen=True)
+class Constrainer:
+    """`constrain(x, logical_axes)` for models: pins activations to `mesh` by `rules` (and tells kernels that run per
+    shard, like splash attention, the mesh and the spec of their operands)."""
+
+    mesh: Mesh
+    rules: Rules
+
+    def spec(self, axes: Sequence[str | None]) -> PartitionSpec:
+        """The PartitionSpec of logical `axes` on this mesh."""
+        return logical_to_spec(axes, self.rules, self.mesh)
+
+    def __call__(self, x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, self.spec(axes)))
 
 
-def constrainer(mesh: Mesh, rules: Rules):
+def constrainer(mesh: Mesh, rules: Rules) -> Constrainer:
     """A `constrain(x, logical_axes)` function for models: pins activations to the mesh by the rules."""
-    return functools.partial(_constrain, mesh=mesh, rules=rules)
+    return Constrainer(mesh, as_rules(rules))
 
 
 def batch_sharding(mesh: Mesh, rules: Rules, ndim: int) -> NamedSharding:

@@ -9,6 +9,7 @@ import jax
 import ml_collections
 
 from ctelm_jax.errors import UserError, require_folder
+from ctelm_jax.models.attention import IMPLEMENTATIONS
 from ctelm_jax.models.build import check_model_sources, decoder_config
 from ctelm_jax.parallel.mesh import MESH_AXES, resolve_mesh_shape
 from ctelm_jax.parallel.rules import as_rules, logical_to_spec
@@ -46,6 +47,13 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int | None = No
                                 f"{config.model.get('embed_pred_weight', 0.0)} (no embedding-prediction head); set "
                                 "--config.model.embed_pred_weight > 0, or drop embed from the stage's tasks.")
     frozen_dtype(config.model)
+    attention = str(config.model.get("attention", "auto"))
+    if attention not in IMPLEMENTATIONS:
+        raise UserError(f"model.attention={attention!r}; choose one of {', '.join(IMPLEMENTATIONS)} "
+                        "(--config.model.attention=auto picks splash on TPU, cudnn on GPU, else xla).")
+    if attention == "cudnn" and config.model.dtype not in ("bfloat16", "float16"):
+        raise UserError(f"model.attention='cudnn' needs a 16-bit compute dtype, not model.dtype="
+                        f"{config.model.dtype!r}; set --config.model.dtype=bfloat16 or --config.model.attention=auto.")
     for key in POSITIVE:
         if _value(config, key) <= 0:
             raise UserError(f"{key}={_value(config, key)}: must be positive; set --config.{key} to a number >= 1.")
