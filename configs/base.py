@@ -29,6 +29,8 @@ def base_config() -> ml_collections.ConfigDict:
                                     # 1 - cos loss on `embed` examples has this weight; 0 = no head
         tokens_per_embedding=1,     # k soft tokens per embedding (the adapter's output split in k, at k consecutive
                                     # placeholders); 1 = OpenELM's layout
+        loss_chunk=0,               # > 0: the token loss computes logits for this many positions of every row at a time
+                                    # (train/loss.py: never the whole (B, T, V) float32 logits); 0 = all at once
     ))
     c.data = ml_collections.ConfigDict(dict(
         corpus="data/clinical_trials.jsonl.gz",

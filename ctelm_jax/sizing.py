@@ -332,7 +332,8 @@ def lower_train_step(config: ml_collections.ConfigDict, stage_index: int, mesh: 
     """The training loop's step of a stage (`train.stage_step`), lowered on abstract sharded inputs on `mesh`."""
     graphdef, params, shardings = abstract_params(config, mesh)
     stage = Curriculum(config.stages, list(config.data.tasks)).stages[stage_index]
-    built = stage_step(graphdef, params, shardings, stage, len(config.data.tasks), mesh)
+    built = stage_step(graphdef, params, shardings, stage, len(config.data.tasks), mesh,
+                       int(config.model.loss_chunk))
     return built.step.lower(built.abstract_state(params), abstract_batch(config, mesh, global_batch))
 
 

@@ -38,6 +38,7 @@ def _set(config, key: str, value) -> None:
                                         "--config.model.tokens_per_embedding to a number >= 1"),
     ({"model.attention": "flash"}, "model.attention='flash'; choose one of auto, xla, splash, cudnn"),
     ({"model.attention": "cudnn"}, "model.attention='cudnn' needs a 16-bit compute dtype, not model.dtype='float32'"),
+    ({"model.loss_chunk": -128}, "model.loss_chunk=-128: must be >= 0 (0 = off / all); set --config.model.loss_chunk"),
 ])
 def test_bad_value_is_named_with_its_fix(changes, message):
     config = tiny.get_config()

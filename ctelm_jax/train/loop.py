@@ -147,7 +147,8 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption: P
     seq_len, global_batch = int(config.data.seq_len), int(config.data.global_batch_size)
     replicated = NamedSharding(mesh, PartitionSpec())
     peak = peak_flops_per_device(dcfg.dtype) * jax.device_count()
-    eval_step = jax.jit(make_eval_step(graphdef, len(tasks)), in_shardings=(param_shardings, None))
+    loss_chunk = int(config.model.loss_chunk)
+    eval_step = jax.jit(make_eval_step(graphdef, len(tasks), loss_chunk), in_shardings=(param_shardings, None))
     step, unsaved, unlogged = 0, False, None  # unlogged: the finished step's row, until it is written
     pending = None  # (step, metrics on the devices) of a dispatched step whose metrics are not read yet
     batches = None  # the stage's batch iterator (its thread is stopped however the run ends)
@@ -159,7 +160,8 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption: P
                 ckpt.check_meta(at, signature)
                 _, progress, saved_data = ckpt.restore_meta(at)
                 index = int(progress["stage"])
-                built = stage_step(graphdef, params, param_shardings, curriculum.stages[index], len(tasks), mesh)
+                built = stage_step(graphdef, params, param_shardings, curriculum.stages[index], len(tasks), mesh,
+                                   loss_chunk)
                 return (int(progress["step"]), index, saved_data,
                         ckpt.restore_state(at, _as_dict(built.abstract_state(params))))
 
@@ -173,7 +175,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption: P
             start, end = curriculum.bounds(index)
             resuming = latest is not None and index == stage_index
             with preemption.droppable():
-                built = stage_step(graphdef, params, param_shardings, stage, len(tasks), mesh)
+                built = stage_step(graphdef, params, param_shardings, stage, len(tasks), mesh, loss_chunk)
                 if resuming:
                     ts, restored = TrainState(**restored), None  # no second reference to the old state
                     params = ts.params

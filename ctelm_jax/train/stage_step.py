@@ -38,8 +38,9 @@ class StageStep:
 
 
 def stage_step(graphdef: nnx.GraphDef, params: Params, param_shardings: Params, stage: Stage, num_tasks: int,
-               mesh: Mesh) -> StageStep:
-    """The stage's train step over `params` (arrays or ShapeDtypeStructs), state donated, as the loop runs it.
+               mesh: Mesh, loss_chunk: int = 0) -> StageStep:
+    """The stage's train step over `params` (arrays or ShapeDtypeStructs), state donated, as the loop runs it
+    (`loss_chunk`: `model.loss_chunk`).
 
     Optimizer moments take their parameter's sharding; the rest of the optimizer state (counts) is replicated.
     """
@@ -51,7 +52,7 @@ def stage_step(graphdef: nnx.GraphDef, params: Params, param_shardings: Params, 
     opt_shardings = optax.tree_map_params(tx, lambda v, s: v if is_masked(v) else s, abstract_opt, param_shardings,
                                           transform_non_params=lambda _: replicated, is_leaf=is_masked)
     shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
-    step = jax.jit(make_train_step(graphdef, labels, tx, num_tasks),
+    step = jax.jit(make_train_step(graphdef, labels, tx, num_tasks, loss_chunk),
                    in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0)
     return StageStep(labels=labels, tx=tx, abstract_opt=abstract_opt, opt_shardings=opt_shardings,
                      shardings=shardings, step=step)

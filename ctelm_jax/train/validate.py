@@ -19,7 +19,7 @@ from ctelm_jax.train.precision import frozen_dtype
 # Keys that count something a run needs at least one of, and keys where 0 switches a feature off.
 POSITIVE = ("model.tokens_per_embedding", "data.seq_len", "data.global_batch_size", "data.max_embeddings_per_row",
             "checkpoint.every_steps", "checkpoint.keep", "eval.batches", "log_every")
-NON_NEGATIVE = ("data.max_records", "data.prefetch", "eval.every_steps", "export.every_steps")
+NON_NEGATIVE = ("model.loss_chunk", "data.max_records", "data.prefetch", "eval.every_steps", "export.every_steps")
 
 
 def check_sources(config: ml_collections.ConfigDict) -> None:
