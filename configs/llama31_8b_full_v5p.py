@@ -10,8 +10,10 @@ Memory (the TPU compiler: `python -m ctelm_jax.aot --config=configs/llama31_8b_f
 --find_batch`): fp32 parameters, gradients and AdamW moments of the 8B decoder are 120 GiB, 30 GiB per chip over the
 4 chips of a v5p-8, the smallest v5p slice. With `dots_no_batch` remat (layer matmul outputs kept, the attention
 products and elementwise work recomputed) the finetune stage at 24 rows of 512 tokens per chip (global 96) peaks at
-83.5 GiB per chip, 88% of 95 GiB; 25 rows leave less than 10% (BENCHMARKS.md "TPU compiler (ahead of time)"). The
-splash attention kernel (`model.attention` auto, from the LoRA recipe) peaks the same here (issue 14).
+78.4 GiB per chip, 83% of 95 GiB, with xla attention (83.5 GiB while the loss kept a log-softmax copy; BENCHMARKS.md
+"TPU compiler (ahead of time)"). The splash attention kernel (`model.attention` auto, from the LoRA recipe) peaked
+the same as xla here (issue 14). The token loss takes every position at once (`model.loss_chunk` 0): under this remat
+the layers' backward, not the logits, sets the peak, and chunks of 128 measured 78.9 GiB.
 """
 
 import ml_collections
@@ -24,6 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
     c = llama31_8b_v5p8.get_config()
     c.model.lora_rank = 0
     c.model.remat_policy = "dots_no_batch"
+    c.model.loss_chunk = 0  # measured: no lower peak with chunks here (module docstring)
     c.data.global_batch_size = 96
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     c.stages = [

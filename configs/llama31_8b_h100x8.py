@@ -6,8 +6,9 @@ As in `configs/llama31_8b_v5p8.py`, training needs `--config.model.decoder=/path
 JAX preallocates 75% of GPU memory by default; the batch here assumes `XLA_PYTHON_CLIENT_MEM_FRACTION=0.95`
 in the environment of every process. Sizing
 (`python -m ctelm_jax.sizing --config=configs/llama31_8b_h100x8.py --num_devices=8 --memory_gib=74.5`, 74.5 GiB =
-80 GB): fsdp=8 keeps 3.8 GiB of fp32 parameters per GPU; the largest per-GPU batch of the multitask stage under 85%
-is 10 rows of 512 tokens (global 80).
+80 GB): fsdp=8 keeps 3.8 GiB of fp32 parameters per GPU; with the token loss 128 positions at a time (the v5p-8
+recipe's `model.loss_chunk`) the largest per-GPU batch of the multitask stage under 85% is 12 rows of 512 tokens
+(global 96).
 """
 
 import ml_collections
@@ -16,8 +17,8 @@ from configs import llama31_8b_v5p8
 
 
 def get_config() -> ml_collections.ConfigDict:
-    """The v5p-8 config on a (data 1, fsdp 8, tensor 1) mesh with 10 rows per GPU."""
+    """The v5p-8 config on a (data 1, fsdp 8, tensor 1) mesh with 12 rows per GPU."""
     c = llama31_8b_v5p8.get_config()
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=8, tensor=1))
-    c.data.global_batch_size = 80
+    c.data.global_batch_size = 96
     return c

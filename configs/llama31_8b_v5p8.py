@@ -11,12 +11,15 @@ against it.
 
 Memory (the TPU compiler: `python -m ctelm_jax.aot --config=configs/llama31_8b_v5p8.py --topology=v5p:2x2x1`): with
 fp32 parameters (Adam on the adapter and LoRA factors stays exact), bf16 compute, scanned layers and no remat,
-fsdp=4 keeps 7.5 GiB of parameters per chip; the multitask stage (the larger one) at 12 rows of 512 tokens per chip
-(global 48) peaks at 65.1 GiB per chip, 68% of 95 GiB, with the splash attention kernel (`model.attention` auto on
-TPU); 16 rows (global 64, 86%) would fit too. With `--config.model.attention=xla` 48 peaks at 81.6 GiB (86%) and 13
-rows would leave less than 10% (BENCHMARKS.md, issue 14). The sizing tool (`python -m ctelm_jax.sizing ...
---num_devices=4 --memory_gib=95`) says 75.6 GiB: it counts the dense attention's probabilities. Rendered trials are
-~130 tokens; rows pack several tasks.
+fsdp=4 keeps 7.5 GiB of parameters per chip. With the splash attention kernel (`model.attention` auto on TPU) and
+the token loss over every position at once, the multitask stage (the larger one) at 12 rows of 512 tokens per chip
+(global 48) peaked at 65.1 GiB per chip (68% of 95 GiB) and 16 rows (global 64, 86%) fit; with
+`--config.model.attention=xla`, 81.6 GiB at 48 (BENCHMARKS.md, issue 14). The token loss now runs 128 positions at a
+time (`model.loss_chunk`: never the whole (rows, 512, 128256) f32 logits): with xla attention 14 rows (global 56)
+peak at 81.5 GiB, 86% (at 12 rows: 71.9 GiB; 75.7 with all positions at once). Splash and chunks together were not
+compiled; the config has 56, which fits with either. The sizing tool (`python -m ctelm_jax.sizing ... --num_devices=4
+--memory_gib=95`) says 77.5 GiB: it counts the dense attention's probabilities. Rendered trials are ~130 tokens; rows
+pack several tasks.
 """
 
 import ml_collections
@@ -45,9 +48,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")
     c.model.domain_dim = 1024
     c.model.adapter_hidden = 4096
+    c.model.loss_chunk = 128
     c.data.encoder = ""  # required: --config.data.encoder=/path/to/bge-large-en-v1.5 (sentence-transformers, 1024-d)
     c.data.seq_len = 512
-    c.data.global_batch_size = 48
+    c.data.global_batch_size = 56
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=4, tensor=1))
     c.stages = [
         dict(name="align", steps=1000, trainable=("adapter",), tasks={"describe": 1.0, "embed": 0.25},

@@ -9,7 +9,9 @@ The model of one step's peak (per device, bytes):
   batch              the step's input arrays (this device's rows)
   saved activations  what the backward pass keeps of each layer, by remat policy (see `saved_bytes_per_token`)
   transient          the larger of the loss's logits work (XLA keeps 3 f32 (B, T, V/tensor) buffers when the program
-                     is partitioned, 4 on one device) and one layer's backward (its activations, recomputed under remat)
+                     is partitioned, 2 on one device: the logits and their gradient; with `model.loss_chunk`,
+                     (B, loss_chunk, V/tensor) ones) and
+                     one layer's backward (its activations, recomputed under remat)
   gathered weights   fsdp > 1: the LM head all-gathered over fsdp (and the embedding table when tensor > 1 too:
                      XLA replicates a table split on both axes for the lookup) and layer weights (one layer with
                      scan_layers; all layers without, as XLA hoists the all-gathers of unrolled layers)
@@ -215,7 +217,9 @@ def size(config: ml_collections.ConfigDict, num_devices: int | None = None,
     gathered = 0 if fsdp == 1 else tables * table_gathered + layer_gathered * (1 if cfg.scan_layers else cfg.num_layers)
     cast = sum(x.device_bytes * c // jnp.dtype(x.dtype).itemsize for x in params
                if x.group == "decoder" and jnp.dtype(x.dtype) != jnp.dtype(cfg.dtype))
-    logits = tokens * math.ceil(cfg.vocab_size / tensor) * 4 * (4 if num_devices == 1 else 3)
+    loss_chunk = int(config.model.loss_chunk)
+    loss_tokens = per_device_batch * (min(loss_chunk, seq_len) if loss_chunk else seq_len)
+    logits = loss_tokens * math.ceil(cfg.vocab_size / tensor) * 4 * 2
 
     stages = []
     for stage in config.stages:
