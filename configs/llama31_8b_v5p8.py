@@ -16,10 +16,10 @@ the token loss over every position at once, the multitask stage (the larger one)
 (global 48) peaked at 65.1 GiB per chip (68% of 95 GiB) and 16 rows (global 64, 86%) fit; with
 `--config.model.attention=xla`, 81.6 GiB at 48 (BENCHMARKS.md, issue 14). The token loss now runs 128 positions at a
 time (`model.loss_chunk`: never the whole (rows, 512, 128256) f32 logits): with xla attention 14 rows (global 56)
-peak at 81.5 GiB, 86% (at 12 rows: 71.9 GiB; 75.7 with all positions at once). Splash and chunks together were not
-compiled; the config has 56, which fits with either. The sizing tool (`python -m ctelm_jax.sizing ... --num_devices=4
---memory_gib=95`) says 77.5 GiB: it counts the dense attention's probabilities. Rendered trials are ~130 tokens; rows
-pack several tasks.
+peak at 81.5 GiB, 86% (at 12 rows: 71.9 GiB; 75.7 with all positions at once); with splash and chunks, global 64
+peaks at 68.5 GiB (72%) and 72 at 75.3 GiB (79%). The config has 56, the sizing tool's largest: the tool
+(`python -m ctelm_jax.sizing ... --num_devices=4 --memory_gib=95`), which says 77.5 GiB at 56, counts the dense
+attention's probabilities. Rendered trials are ~130 tokens; rows pack several tasks.
 """
 
 import ml_collections
