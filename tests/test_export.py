@@ -97,6 +97,15 @@ def jax_greedy(model: ELM, ids: list[int], embeddings: np.ndarray, max_new: int,
     return out
 
 
+def right_padded(ids: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token rows right-padded to the longest, and the mask of real tokens."""
+    tokens = np.full((len(ids), max(map(len, ids))), pad_id, np.int32)
+    mask = np.zeros(tokens.shape, np.int32)
+    for row, seq in enumerate(ids):
+        tokens[row, :len(seq)], mask[row, :len(seq)] = seq, 1
+    return tokens, mask
+
+
 @pytest.mark.parametrize("lora, tied", [("merge", False), ("peft", False), ("merge", True)])
 def test_transformers_matches_ctelm(tmp_path, tokenizer, lora, tied):
     elm = make_elm(tokenizer, CFG.replace(tie_word_embeddings=tied), standardised=True)
@@ -126,12 +135,7 @@ def test_transformers_matches_ctelm(tmp_path, tokenizer, lora, tied):
     rng = np.random.default_rng(1)
 
     # Logits on a right-padded batch of two prompts with one and two embeddings.
-    ids = [encode(tokenizer, p) for p in PROMPTS]
-    length = max(map(len, ids))
-    tokens = np.full((2, length), tokenizer.pad_id, np.int32)
-    mask = np.zeros((2, length), np.int32)
-    for row, seq in enumerate(ids):
-        tokens[row, :len(seq)], mask[row, :len(seq)] = seq, 1
+    tokens, mask = right_padded([encode(tokenizer, p) for p in PROMPTS], tokenizer.pad_id)
     assert (tokens == tokenizer.placeholder_id).sum(axis=1).tolist() == [1, 2]
     embeddings = rng.standard_normal((2, 2, DOMAIN)).astype(np.float32)
     ours = np.asarray(elm(jnp.asarray(tokens), jnp.asarray(embeddings), segment_ids=jnp.asarray(mask))[0])
@@ -188,11 +192,7 @@ def test_k_soft_tokens_round_trip_and_match_transformers(tmp_path):
 
     loaded = reference.load(out)
     ids = [prompts.instruction_prompt(tok, p) for p in PROMPTS]
-    length = max(map(len, ids))
-    tokens = np.full((2, length), tok.pad_id, np.int32)
-    mask = np.zeros((2, length), np.int32)
-    for row, seq in enumerate(ids):
-        tokens[row, :len(seq)], mask[row, :len(seq)] = seq, 1
+    tokens, mask = right_padded(ids, tok.pad_id)
     assert (tokens == tok.placeholder_id).sum(axis=1).tolist() == [3, 6]
     rng = np.random.default_rng(5)
     embeddings = rng.standard_normal((2, 2, model_cfg.domain_dim)).astype(np.float32)
