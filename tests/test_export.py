@@ -106,6 +106,17 @@ def right_padded(ids: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndar
     return tokens, mask
 
 
+def both_logits(elm, loaded, tokens: np.ndarray, mask: np.ndarray,
+                embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ctelm_jax's logits and the PyTorch reference's (its adapter spliced into input embeddings), one batch."""
+    ours = np.asarray(elm(jnp.asarray(tokens), jnp.asarray(embeddings), segment_ids=jnp.asarray(mask))[0])
+    with torch.no_grad():
+        embeds = reference.embed_inputs(loaded.model, loaded.adapter, torch.tensor(tokens, dtype=torch.long),
+                                        torch.tensor(embeddings))
+        theirs = loaded.model(inputs_embeds=embeds, attention_mask=torch.tensor(mask)).logits.numpy()
+    return ours, theirs
+
+
 @pytest.mark.parametrize("lora, tied", [("merge", False), ("peft", False), ("merge", True)])
 def test_transformers_matches_ctelm(tmp_path, tokenizer, lora, tied):
     elm = make_elm(tokenizer, CFG.replace(tie_word_embeddings=tied), standardised=True)
@@ -138,11 +149,7 @@ def test_transformers_matches_ctelm(tmp_path, tokenizer, lora, tied):
     tokens, mask = right_padded([encode(tokenizer, p) for p in PROMPTS], tokenizer.pad_id)
     assert (tokens == tokenizer.placeholder_id).sum(axis=1).tolist() == [1, 2]
     embeddings = rng.standard_normal((2, 2, DOMAIN)).astype(np.float32)
-    ours = np.asarray(elm(jnp.asarray(tokens), jnp.asarray(embeddings), segment_ids=jnp.asarray(mask))[0])
-    with torch.no_grad():
-        embeds = reference.embed_inputs(loaded.model, loaded.adapter, torch.tensor(tokens, dtype=torch.long),
-                                        torch.tensor(embeddings))
-        theirs = loaded.model(inputs_embeds=embeds, attention_mask=torch.tensor(mask)).logits.numpy()
+    ours, theirs = both_logits(elm, loaded, tokens, mask, embeddings)
     real = mask.astype(bool)
     assert not theirs[..., CFG.vocab_size].any()  # the placeholder's logit: its zero head row gives exactly 0
     theirs = theirs[..., :CFG.vocab_size]
@@ -196,11 +203,7 @@ def test_k_soft_tokens_round_trip_and_match_transformers(tmp_path):
     assert (tokens == tok.placeholder_id).sum(axis=1).tolist() == [3, 6]
     rng = np.random.default_rng(5)
     embeddings = rng.standard_normal((2, 2, model_cfg.domain_dim)).astype(np.float32)
-    ours = np.asarray(elm(jnp.asarray(tokens), jnp.asarray(embeddings), segment_ids=jnp.asarray(mask))[0])
-    with torch.no_grad():
-        embeds = reference.embed_inputs(loaded.model, loaded.adapter, torch.tensor(tokens, dtype=torch.long),
-                                        torch.tensor(embeddings))
-        theirs = loaded.model(inputs_embeds=embeds, attention_mask=torch.tensor(mask)).logits.numpy()
+    ours, theirs = both_logits(elm, loaded, tokens, mask, embeddings)
     real = mask.astype(bool)
     theirs = theirs[..., :model_cfg.arch.vocab_size]
     swapped = np.asarray(elm(jnp.asarray(tokens), jnp.asarray(embeddings[:, ::-1]), segment_ids=jnp.asarray(mask))[0])
