@@ -1,10 +1,22 @@
-"""Fields every config shares; the other config files start from `base_config()` and change what differs."""
+"""Fields every config shares; the other config files start from `base_config()` and change what differs.
+
+The curriculum is ctELM's three stages (arXiv 2601.18796), by their task mixtures below:
+  1. alignment: reconstruction (`describe`) plus embedding prediction (`embed`);
+  2. concept learning: embeddings moved along concept vectors (`offset`: e + a v -> the trial moved in proportion to
+     a) beside reconstruction and the word-concept edits;
+  3. fine control: comparisons of several embeddings, questions and the full eligibility criteria, with the first two
+     stages' tasks kept in the mix.
+"""
 
 import ml_collections
 
 from ctelm_jax.data.tasks import TASKS
 from ctelm_jax.parallel.rules import DEFAULT_RULES
 
+ALIGN_TASKS = {"describe": 1.0, "embed": 0.25}
+CONCEPT_TASKS = {"describe": 0.4, "offset": 0.4, "concept": 0.2}
+CONTROL_TASKS = {"describe": 0.3, "compare": 0.2, "attributes": 0.2, "offset": 0.15, "eligibility": 0.1,
+                 "concept": 0.05}
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -39,14 +51,17 @@ def base_config() -> ml_collections.ConfigDict:
         max_records=0,              # 0 = all
         tasks=TASKS, seq_len=256, global_batch_size=4, max_embeddings_per_row=4, seed=0,
         prefetch=2,                 # training batches built ahead in a background thread while steps run; 0 = off
+        embedding_noise=0.0,        # training input embeddings + N(0, (this x the train split's spread)^2) per
+                                    # dimension, renormalised (ctELM's smoothness regulariser); 0 = off
     ))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.rules = [list(r) for r in DEFAULT_RULES]
     c.stages = [
-        dict(name="align", steps=100, trainable=("adapter",), tasks={"describe": 1.0, "embed": 0.25},
-             learning_rate=1e-3, warmup_steps=10),
-        dict(name="multitask", steps=200, trainable=("adapter", "lora"),
-             tasks={"describe": 0.4, "attributes": 0.25, "compare": 0.15, "concept": 0.1, "eligibility": 0.1},
+        dict(name="align", steps=100, trainable=("adapter",), tasks=dict(ALIGN_TASKS), learning_rate=1e-3,
+             warmup_steps=10),
+        dict(name="concepts", steps=100, trainable=("adapter", "lora"), tasks=dict(CONCEPT_TASKS),
+             learning_rate=3e-4, warmup_steps=10),
+        dict(name="control", steps=100, trainable=("adapter", "lora"), tasks=dict(CONTROL_TASKS),
              learning_rate=3e-4, warmup_steps=10),
     ]
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=50, keep=2, keep_best=1, async_save=True))

@@ -7,7 +7,7 @@ JAX preallocates 75% of GPU memory by default; the batch here assumes `XLA_PYTHO
 in the environment of every process. Sizing
 (`python -m ctelm_jax.sizing --config=configs/llama31_8b_h100x8.py --num_devices=8 --memory_gib=74.5`, 74.5 GiB =
 80 GB): fsdp=8 keeps 3.8 GiB of fp32 parameters per GPU; with the token loss 128 positions at a time (the v5p-8
-recipe's `model.loss_chunk`) the largest per-GPU batch of the multitask stage under 85% is 12 rows of 512 tokens
+recipe's `model.loss_chunk`) the largest per-GPU batch of the adapter + LoRA stages under 85% is 12 rows of 512 tokens
 (global 96).
 """
 

@@ -9,22 +9,22 @@ A missing flag or folder stops the run before any work with one line naming the 
 decoder's shape: the sizing and AOT tools read it without weights, and training checks the folder's config.json
 against it.
 
-Memory (the TPU compiler: `python -m ctelm_jax.aot --config=configs/llama31_8b_v5p8.py --topology=v5p:2x2x1`): with
-fp32 parameters (Adam on the adapter and LoRA factors stays exact), bf16 compute, scanned layers and no remat,
-fsdp=4 keeps 7.5 GiB of parameters per chip. With the splash attention kernel (`model.attention` auto on TPU) and
-the token loss over every position at once, the multitask stage (the larger one) at 12 rows of 512 tokens per chip
-(global 48) peaked at 65.1 GiB per chip (68% of 95 GiB) and 16 rows (global 64, 86%) fit; with
+Memory (the TPU compiler: `python -m ctelm_jax.aot --config=configs/llama31_8b_v5p8.py --topology=v5p:2x2x1`): with fp32
+parameters (Adam on the adapter and LoRA factors stays exact), bf16 compute, scanned layers and no remat, fsdp=4 keeps
+7.5 GiB of parameters per chip. With the splash attention kernel (`model.attention` auto on TPU) and the token loss over
+every position at once, the adapter + LoRA stages (concepts, control: same shapes, the larger ones) at 12 rows of 512
+tokens per chip (global 48) peaked at 65.1 GiB per chip (68% of 95 GiB) and 16 rows (global 64, 86%) fit; with
 `--config.model.attention=xla`, 81.6 GiB at 48 (BENCHMARKS.md, issue 14). The token loss now runs 128 positions at a
-time (`model.loss_chunk`: never the whole (rows, 512, 128256) f32 logits): with xla attention 14 rows (global 56)
-peak at 81.5 GiB, 86% (at 12 rows: 71.9 GiB; 75.7 with all positions at once); with splash and chunks, global 64
-peaks at 68.5 GiB (72%) and 72 at 75.3 GiB (79%). The config has 56, the sizing tool's largest: the tool
-(`python -m ctelm_jax.sizing ... --num_devices=4 --memory_gib=95`), which says 77.5 GiB at 56, counts the dense
-attention's probabilities. Rendered trials are ~130 tokens; rows pack several tasks.
+time (`model.loss_chunk`: never the whole (rows, 512, 128256) f32 logits): with xla attention 14 rows (global 56) peak
+at 81.5 GiB, 86% (at 12 rows: 71.9 GiB; 75.7 with all positions at once); with splash and chunks, global 64 peaks at
+68.5 GiB (72%) and 72 at 75.3 GiB (79%). The config has 56, the sizing tool's largest: the tool (`python -m
+ctelm_jax.sizing ... --num_devices=4 --memory_gib=95`), which says 77.5 GiB at 56, counts the dense attention's
+probabilities. Rendered trials are ~130 tokens; rows pack several tasks.
 """
 
 import ml_collections
 
-from configs.base import base_config
+from configs.base import ALIGN_TASKS, CONCEPT_TASKS, CONTROL_TASKS, base_config
 
 LLAMA31_8B = dict(
     vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
@@ -34,7 +34,8 @@ LLAMA31_8B = dict(
 
 
 def get_config() -> ml_collections.ConfigDict:
-    """Adapter alignment, then adapter + LoRA (r 16 on q/k/v/o) multitask, bf16 compute, fsdp over the 4 chips."""
+    """Adapter alignment, then adapter + LoRA (r 16 on q/k/v/o) concept and control stages, bf16 compute, fsdp over
+    the 4 chips."""
     c = base_config()
     c.model.decoder = ""  # required: --config.model.decoder=/path/to/Llama-3.1-8B-Instruct (HF folder)
     c.model.arch = ml_collections.ConfigDict(LLAMA31_8B)  # the declared shape, checked against that folder
@@ -54,10 +55,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.global_batch_size = 56
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=4, tensor=1))
     c.stages = [
-        dict(name="align", steps=1000, trainable=("adapter",), tasks={"describe": 1.0, "embed": 0.25},
-             learning_rate=1e-3, warmup_steps=50),
-        dict(name="multitask", steps=3000, trainable=("adapter", "lora"),
-             tasks={"describe": 0.4, "attributes": 0.25, "compare": 0.15, "concept": 0.1, "eligibility": 0.1},
+        dict(name="align", steps=1000, trainable=("adapter",), tasks=dict(ALIGN_TASKS), learning_rate=1e-3,
+             warmup_steps=50),
+        dict(name="concepts", steps=1500, trainable=("adapter", "lora"), tasks=dict(CONCEPT_TASKS),
+             learning_rate=2e-4, warmup_steps=100),
+        dict(name="control", steps=1500, trainable=("adapter", "lora"), tasks=dict(CONTROL_TASKS),
              learning_rate=2e-4, warmup_steps=100),
     ]
     c.checkpoint.every_steps = 250

@@ -64,7 +64,7 @@ def shrunk(name: str):
     c.model.arch = {**family(c.model), **TINY_SIZE, "max_position_embeddings": 512}
     c.model.decoder, c.model.tokenizer = "random", "default"
     c.model.adapter_hidden = 64
-    c.data.embeddings, c.data.max_records = "random", 120
+    c.data.embeddings, c.data.max_records = "random", 600  # the offset task's concept groups all need trials
     c.data.seq_len, c.data.global_batch_size = 64, DEVICES
     c.mesh.update(fit_mesh({a: int(c.mesh[a]) for a in MESH_AXES}))
     for stage in c.stages:

@@ -1,9 +1,11 @@
 """Grain input pipeline: task mixing, packing, fixed-shape per-host batches, checkpointable iterator.
 
-    records (epoch-shuffled, repeated) -> task drawn by weight + `tasks.make_example` (per-index RNG)
+    records (epoch-shuffled, repeated) -> task drawn by weight + `tasks.make_example` (per-index RNG), and with
+      `noise_std` > 0 Gaussian noise for each of its embeddings (the smoothness regulariser of ctELM)
       -> this host's slice (global example i goes to host i % process_count)
       -> first-fit packing into rows of `seq_len` tokens and `max_embeddings_per_row` embedding slots
-      -> batches of batch_size / process_count rows, with targets and embeddings filled in.
+      -> batches of batch_size / process_count rows, with targets and embeddings filled in; an embedding with noise
+         or a concept move (`offset` task) is `concepts.apply(e + noise, v, a)`, a unit vector like the encoder's.
 
 Everything is a function of (seed, example index), so a run is reproducible, and the iterator's state
 (`get_state()`, a small JSON-serializable dict) restores it exactly (`set_state`).
@@ -22,6 +24,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from ctelm_jax import concepts
 from ctelm_jax.data import tasks
 from ctelm_jax.data.embeddings import check_embeddings
 from ctelm_jax.weights.tokenizer import Tokenizer
@@ -50,8 +53,9 @@ class _MakeExample(grain.transforms.RandomMap):
     """Record index -> packed-ready example of a task drawn by weight (None when skipped)."""
 
     def __init__(self, records: Sequence[Mapping], tokenizer: Tokenizer, tasks_weights: Mapping[str, float],
-                 seq_len: int, stop: threading.Event | None = None):
+                 seq_len: int, dim: int, noise_std: float = 0.0, stop: threading.Event | None = None):
         self.records, self.tokenizer, self.seq_len, self.stop = records, tokenizer, seq_len, stop
+        self.dim, self.noise_std = dim, noise_std
         self.names = list(tasks_weights)
         self.probabilities = _task_probabilities(tasks_weights)
         self.stats: collections.Counter[str] = collections.Counter()
@@ -67,17 +71,22 @@ class _MakeExample(grain.transforms.RandomMap):
             logging.log_every_n_seconds(logging.WARNING, "pipeline: %s", 600, dict(self.stats))
         if example is None:
             return None
+        slots = len(example["embedding_indices"])
+        noise = np.zeros((slots, self.dim), np.float32)
+        if self.noise_std > 0:
+            noise[:] = self.noise_std * rng.standard_normal((slots, self.dim))
         return {"tokens": example["tokens"], "loss_mask": example["loss_mask"],
                 "task_ids": np.full(len(example["tokens"]), task_id, np.int32),
                 "embedding_indices": example["embedding_indices"], "pool_mask": example["pool_mask"],
-                "target_indices": example["target_indices"]}
+                "target_indices": example["target_indices"], "embedding_concepts": example["embedding_concepts"],
+                "embedding_strengths": example["embedding_strengths"], "embedding_noise": noise}
 
 
 class _Finalize(grain.transforms.Map):
     """Packed batch -> the Batch table: targets within each example, padding cleaned, embeddings gathered."""
 
-    def __init__(self, embeddings: np.ndarray, pad_id: int):
-        self.embeddings, self.pad_id = embeddings, pad_id
+    def __init__(self, embeddings: np.ndarray, pad_id: int, concept_vectors: np.ndarray | None):
+        self.embeddings, self.pad_id, self.concept_vectors = embeddings, pad_id, concept_vectors
 
     def map(self, packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The batch dict (keys `BATCH_KEYS`)."""
@@ -89,6 +98,12 @@ class _Finalize(grain.transforms.Map):
         targets[:, :-1] = np.where(same, tokens[:, 1:], self.pad_id)
         used = packed["embedding_indices_segment_ids"] > 0
         embeddings = self.embeddings[packed["embedding_indices"]] * used[..., None]
+        concept, strength = packed["embedding_concepts"], packed["embedding_strengths"]
+        noise = packed["embedding_noise"]
+        for b, s in zip(*np.nonzero(used & ((concept > 0) | (noise != 0).any(-1)))):
+            c = int(concept[b, s])
+            vector, a = (self.concept_vectors[c - 1], float(strength[b, s])) if c else (np.zeros_like(noise[b, s]), 0.0)
+            embeddings[b, s] = concepts.apply(embeddings[b, s] + noise[b, s], vector, a)
         # Each pooled token points (1-based) at the target slot of its own example (same segment id).
         target_segments = packed["target_indices_segment_ids"]
         match = ((segment_ids[:, :, None] == target_segments[:, None, :]) & (target_segments[:, None, :] > 0)
@@ -118,11 +133,13 @@ def batch_spec(batch_size: int, seq_len: int, max_embeddings_per_row: int, embed
 def make_dataset(records: Sequence[Mapping], embeddings: np.ndarray, tokenizer: Tokenizer,
                  tasks_weights: Mapping[str, float], seq_len: int, batch_size: int, seed: int,
                  max_embeddings_per_row: int, *, embedding_dim: int | None = None, process_index: int | None = None,
-                 process_count: int | None = None, read_threads: int = 0,
-                 stop: threading.Event | None = None) -> grain.IterDataset:
+                 process_count: int | None = None, read_threads: int = 0, concept_vectors: np.ndarray | None = None,
+                 noise_std: float = 0.0, stop: threading.Event | None = None) -> grain.IterDataset:
     """The infinite dataset of this host's batches (see the module docstring); `batch_size` is the global batch,
-    `read_threads` grain threads build examples (0: in the calling thread, ~400k tokens/s on one CPU core); once
-    `stop` is set, building an example raises Stopped."""
+    `read_threads` grain threads build examples (0: in the calling thread, ~400k tokens/s on one CPU core);
+    `concept_vectors` (one row per `tasks.OFFSET_CONCEPTS`) feed the `offset` task; `noise_std` is the standard
+    deviation of the noise added to every input embedding per dimension (0: none); once `stop` is set, building an
+    example raises Stopped."""
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     if batch_size % process_count:
@@ -136,29 +153,44 @@ def make_dataset(records: Sequence[Mapping], embeddings: np.ndarray, tokenizer: 
                          f"embeddings per example; raise it (rows pack several examples, so ~seq_len / 100).")
     table = np.asarray(embeddings, np.float32)
     check_embeddings([r["nctid"] for r in records], table, "pipeline embeddings", embedding_dim)
+    if tasks_weights.get("offset", 0) > 0:
+        expected = (len(tasks.OFFSET_CONCEPTS), table.shape[1])
+        if concept_vectors is None or np.shape(concept_vectors) != expected:
+            got = None if concept_vectors is None else np.shape(concept_vectors)
+            raise ValueError(f"the offset task needs one concept vector per {tasks.OFFSET_CONCEPTS} of the embeddings' "
+                             f"dimension, shape {expected}, got {got}; compute them with `concepts.builtin` on the "
+                             "training split.")
+        concept_vectors = np.asarray(concept_vectors, np.float32)
+    if not (np.isfinite(noise_std) and noise_std >= 0):
+        raise ValueError(f"noise_std={noise_std}: the embedding noise must be a finite standard deviation >= 0.")
     local_batch = batch_size // process_count
     examples = (grain.MapDataset.range(len(records)).shuffle(seed=seed).repeat()
-                .random_map(_MakeExample(records, tokenizer, tasks_weights, seq_len, stop), seed=seed)
+                .random_map(_MakeExample(records, tokenizer, tasks_weights, seq_len, table.shape[1], noise_std, stop),
+                            seed=seed)
                 [process_index::process_count])
     packed = grain.experimental.FirstFitPackIterDataset(
         examples.to_iter_dataset(grain.ReadOptions(num_threads=read_threads)),
         length_struct={"tokens": seq_len, "loss_mask": seq_len, "task_ids": seq_len, "pool_mask": seq_len,
-                       "embedding_indices": max_embeddings_per_row, "target_indices": max_embeddings_per_row},
+                       "embedding_indices": max_embeddings_per_row, "target_indices": max_embeddings_per_row,
+                       "embedding_concepts": max_embeddings_per_row, "embedding_strengths": max_embeddings_per_row,
+                       "embedding_noise": max_embeddings_per_row},
         num_packing_bins=local_batch, shuffle_bins=False)
-    return packed.batch(local_batch, drop_remainder=True).map(_Finalize(table, tokenizer.pad_id))
+    return packed.batch(local_batch, drop_remainder=True).map(_Finalize(table, tokenizer.pad_id, concept_vectors))
 
 
 def make_pipeline(records: Sequence[Mapping], embeddings: np.ndarray, tokenizer: Tokenizer,
                   tasks_weights: Mapping[str, float], seq_len: int, batch_size: int, seed: int,
                   max_embeddings_per_row: int, *, embedding_dim: int | None = None, process_index: int | None = None,
-                  process_count: int | None = None, read_threads: int = 0, prefetch: int = 0) -> grain.DatasetIterator:
+                  process_count: int | None = None, read_threads: int = 0, concept_vectors: np.ndarray | None = None,
+                  noise_std: float = 0.0, prefetch: int = 0) -> grain.DatasetIterator:
     """An iterator of this host's batches (dicts of `BATCH_KEYS` numpy arrays with fixed shapes, `batch_spec`);
     `get_state()` / `set_state()` save and restore its position (JSON-serializable). With `prefetch`, a background
     thread keeps that many batches ready (`Prefetched`)."""
     stop = threading.Event() if prefetch else None
     batches = iter(make_dataset(records, embeddings, tokenizer, tasks_weights, seq_len, batch_size, seed,
                                 max_embeddings_per_row, embedding_dim=embedding_dim, process_index=process_index,
-                                process_count=process_count, read_threads=read_threads, stop=stop))
+                                process_count=process_count, read_threads=read_threads,
+                                concept_vectors=concept_vectors, noise_std=noise_std, stop=stop))
     return Prefetched(batches, prefetch, stop) if prefetch else batches
 
 

@@ -593,3 +593,44 @@ def edit_fields(f: TrialFields, concept: str, direction: int) -> TrialFields:
     return dataclasses.replace(
         f, min_age=lo, max_age=hi, sex=sex, inclusion=tuple(i for i in f.inclusion if not words.search(i)),
         exclusion=tuple(i for i in f.exclusion if not words.search(i)))
+
+
+# Concept-offset targets (`tasks` "offset"): a trial moved by `strength` along a concept vector (`concepts.BUILTIN`).
+MOVE_THRESHOLD = 0.5  # |strength| from which the sex and pediatric moves set the attribute
+_OLDER_TARGET = (65.0, 100.0)  # (min, max) ages that the age move reaches at strength +1 (100: no upper bound)
+_YOUNGER_TARGET = (ADULT_AGE, 40.0)  # ... and at strength -1
+
+
+def _toward(value: float, target: float, amount: float, older: bool) -> float:
+    """`value` moved `amount` (0..1) of the way to `target`, never against the move's direction."""
+    moved = value + amount * (target - value)
+    return max(value, moved) if older else min(value, moved)
+
+
+def move_fields(f: TrialFields, concept: str, strength: float) -> TrialFields:
+    """`f` moved in proportion to `strength` (-1..1) along a built-in concept vector: "age" moves both age bounds a
+    |strength| share of the way to 65 and older (positive) or 18-40 (negative), in whole years; "sex" sets women
+    only (positive) or men only (negative), "pediatric" children only or adults only, once |strength| reaches
+    MOVE_THRESHOLD. Criteria items that mention what changed are dropped; strength 0 returns `f`."""
+    if concept == "age":
+        if strength == 0:
+            return f
+        older, amount = strength > 0, min(abs(float(strength)), 1.0)
+        hi0 = f.max_age if f.max_age is not None else _OLDER_TARGET[1]
+        lo0 = min(f.min_age if f.min_age is not None else ADULT_AGE, hi0)
+        target = _OLDER_TARGET if older else _YOUNGER_TARGET
+        lo, hi = (float(round(_toward(v, t, amount, older))) for v, t in zip((lo0, hi0), target))
+        min_age = None if f.min_age is None and lo == lo0 else lo
+        max_age = None if hi >= _OLDER_TARGET[1] else hi
+        if (min_age, max_age) == (f.min_age, f.max_age):
+            return f
+        return dataclasses.replace(f, min_age=min_age, max_age=max_age,
+                                   inclusion=tuple(i for i in f.inclusion if not _AGE_WORDS.search(i)),
+                                   exclusion=tuple(i for i in f.exclusion if not _AGE_WORDS.search(i)))
+    if concept not in ("sex", "pediatric"):
+        raise ValueError(f"unknown concept {concept!r} to move along; known: age, pediatric, sex")
+    if abs(strength) < MOVE_THRESHOLD:
+        return f
+    if concept == "sex":
+        return edit_fields(f, "women only" if strength > 0 else "men only", 1)
+    return edit_fields(f, "children", 1 if strength > 0 else -1)

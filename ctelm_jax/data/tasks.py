@@ -11,6 +11,10 @@ Tasks (`TASKS`):
   eligibility  embedding -> its eligibility criteria written out in full (ages, sex, every key inclusion and
                exclusion item as a list): ctELM's eligibility-criteria generation, a longer reconstruction than
                `describe`
+  offset       an embedding moved along a concept vector, `concepts.apply(e, v, a)` (v: `OFFSET_CONCEPTS`, computed
+               from the training split at the start of the run; a uniform in [-OFFSET_RANGE, OFFSET_RANGE]) -> the
+               canonical text of the trial moved in proportion to a (`render.move_fields`), under a `describe`
+               instruction: ctELM's concept-offset training, the move the concept curves decode
   embed        the trial's canonical text (no placeholder) -> its embedding: no target tokens; the hidden states
                over the text (`pool_mask`) feed the embedding-prediction head (`models.embed_head`), the trial's
                embedding row is the target (`target_indices`)
@@ -31,9 +35,11 @@ import numpy as np
 from ctelm_jax.data import render
 from ctelm_jax.weights.tokenizer import Tokenizer
 
-TASKS: tuple[str, ...] = ("describe", "attributes", "compare", "concept", "eligibility", "embed")
+TASKS: tuple[str, ...] = ("describe", "attributes", "compare", "concept", "eligibility", "offset", "embed")
 ATTRIBUTES: tuple[str, ...] = ("phase", "conditions", "interventions", "ages", "sex", "status")
 ELIGIBILITY_MAX_CHARS = 1200
+OFFSET_CONCEPTS: tuple[str, ...] = ("age", "pediatric", "sex")  # the `offset` task's concept ids 1, 2, 3 (0: none)
+OFFSET_RANGE = 1.0
 _E = "{E}"  # stands for one embedding's placeholder tokens (`Tokenizer.slot`) in instruction templates
 
 
@@ -46,6 +52,8 @@ class Example(TypedDict):
     task: str
     pool_mask: np.ndarray  # float32 (L,): 1 on the tokens of the text whose embedding is predicted (`embed` only)
     target_indices: np.ndarray  # int32 (0,) or (1,): the corpus row whose embedding that text should get
+    embedding_concepts: np.ndarray  # int32 (n,): per slot, 1 + the index in OFFSET_CONCEPTS to move along, 0: none
+    embedding_strengths: np.ndarray  # float32 (n,): per slot, the strength of that move
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -271,14 +279,27 @@ def _eligibility(view: _View, i: int, rng: np.random.Generator) -> tuple[str, st
     return _pick(_ELIGIBILITY, rng), eligibility_text(view.fields(i)), [i]
 
 
+def offset_move(rng: np.random.Generator) -> tuple[int, float]:
+    """(concept id, 1-based in OFFSET_CONCEPTS; strength uniform in [-OFFSET_RANGE, OFFSET_RANGE]) of an `offset`
+    example."""
+    return 1 + int(rng.integers(len(OFFSET_CONCEPTS))), float(rng.uniform(-OFFSET_RANGE, OFFSET_RANGE))
+
+
+def _offset(view: _View, i: int, rng: np.random.Generator) -> tuple[str, str, list[int], int, float]:
+    concept, strength = offset_move(rng)
+    moved = render.move_fields(view.fields(i), OFFSET_CONCEPTS[concept - 1], strength)
+    return _pick(_DESCRIBE, rng), render.render_fields(moved), [i], concept, strength
+
+
 _BUILDERS: dict[str, Callable[[_View, int, np.random.Generator], tuple[str, str, list[int]]]] = {
     "describe": _describe, "attributes": _attributes, "compare": _compare, "concept": _concept,
-    "eligibility": _eligibility}
+    "eligibility": _eligibility, "offset": lambda view, i, rng: _offset(view, i, rng)[:3]}
 
 
 def make_text(task: str, records: Sequence[Mapping], index: int,
               rng: np.random.Generator) -> tuple[str, str, list[int]]:
-    """(instruction with {E} marking each placeholder, target text, embedding rows) of one task example."""
+    """(instruction with {E} marking each placeholder, target text, embedding rows) of one task example (`offset`:
+    the move of its one embedding is drawn too, and left out here; `make_example` keeps it)."""
     if task not in _BUILDERS:
         raise ValueError(f"unknown task {task!r}; known: {TASKS}")
     return _BUILDERS[task](_view(records), index, rng)
@@ -297,8 +318,14 @@ def make_example(task: str, records: Sequence[Mapping], index: int, rng: np.rand
             return None
         return Example(tokens=np.asarray(tokens, np.int32), loss_mask=np.zeros(len(tokens), np.float32),
                        embedding_indices=none, task=task, pool_mask=pool_mask,
-                       target_indices=np.asarray([index], np.int32))
-    instruction, target, rows = make_text(task, records, index, rng)
+                       target_indices=np.asarray([index], np.int32), embedding_concepts=none,
+                       embedding_strengths=np.zeros(0, np.float32))
+    if task == "offset":
+        instruction, target, rows, concept, strength = _offset(_view(records), index, rng)
+        concepts, strengths = np.asarray([concept], np.int32), np.asarray([strength], np.float32)
+    else:
+        instruction, target, rows = make_text(task, records, index, rng)
+        concepts, strengths = np.zeros(len(rows), np.int32), np.zeros(len(rows), np.float32)
     instruction = instruction.replace(_E, tokenizer.slot)
     target = target.replace(tokenizer.placeholder, " ")
     prompt = encode_prompt(tokenizer, instruction)
@@ -316,4 +343,5 @@ def make_example(task: str, records: Sequence[Mapping], index: int, rng: np.rand
     loss_mask = np.zeros(len(tokens), np.float32)
     loss_mask[len(prompt) - 1:len(tokens) - 1] = 1.0
     return Example(tokens=tokens, loss_mask=loss_mask, embedding_indices=np.asarray(rows, np.int32), task=task,
-                   pool_mask=np.zeros(len(tokens), np.float32), target_indices=none)
+                   pool_mask=np.zeros(len(tokens), np.float32), target_indices=none,
+                   embedding_concepts=concepts, embedding_strengths=strengths)

@@ -1,20 +1,23 @@
 """What a training run reads: corpus records by split, their embeddings (loaded, computed once, or random for tests),
-and the batch iterators of each curriculum stage."""
+the concept vectors of the `offset` task, and the batch iterators of each curriculum stage."""
 
 from __future__ import annotations
 
 import os
 from typing import Any, Iterator, NamedTuple
 
+import jax
 import ml_collections
 import numpy as np
 from absl import logging
 
-from ctelm_jax import fs
-from ctelm_jax.data import pipeline
+from ctelm_jax import concepts, fs
+from ctelm_jax.data import pipeline, tasks
 from ctelm_jax.data.corpus import load_records, split_of
 from ctelm_jax.data.embeddings import embed_corpus, embedding_paths, load_embeddings, load_encoder
 from ctelm_jax.data.render import render_text
+from ctelm_jax.errors import UserError
+from ctelm_jax.models.adapter import standardisation
 from ctelm_jax.train.curriculum import Stage
 from ctelm_jax.weights.tokenizer import Tokenizer
 
@@ -72,26 +75,55 @@ def load_splits(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     return out
 
 
+def offset_vectors(config: ml_collections.ConfigDict, workdir: str | os.PathLike, train: Split) -> np.ndarray | None:
+    """The `offset` task's concept vectors (rows in `tasks.OFFSET_CONCEPTS` order), or None when no stage trains it:
+    those saved with the run (`<workdir>/concepts.npz`), else the built-in concepts of the training split, computed
+    and saved (process 0) at the start of the run, so the evaluation moves along the vectors the run learnt."""
+    if not any(float(dict(s.get("tasks", {})).get("offset", 0.0)) > 0 for s in config.stages):
+        return None
+    workdir = fs.as_path(workdir)
+    if (workdir / concepts.NPZ).is_file() and (workdir / concepts.JSON).is_file():
+        found = concepts.load(workdir)
+    else:
+        try:
+            found = concepts.builtin(train.records, train.embeddings)
+        except ValueError as e:
+            raise UserError(f"the offset task moves embeddings along concept vectors of the training split, and {e} "
+                            "Train on more records (--config.data.max_records=0: all), or drop offset from the "
+                            "stages' tasks.") from e
+        if jax.process_index() == 0:
+            concepts.save(workdir, found, source="train split")
+    missing = [name for name in tasks.OFFSET_CONCEPTS if name not in found]
+    if missing:
+        raise ValueError(f"{workdir / concepts.NPZ} has no vector for {missing}; move it away so that the run "
+                         "computes the built-in concepts again.")
+    return np.stack([found[name].vector for name in tasks.OFFSET_CONCEPTS])
+
+
 def _make(config: ml_collections.ConfigDict, split: Split, tokenizer: Tokenizer, weights: dict[str, float],
-          seed: int, prefetch: int = 0) -> Any:
+          seed: int, concept_vectors: np.ndarray | None, noise_std: float = 0.0, prefetch: int = 0) -> Any:
     # Every configured task keeps its index (task_ids follow config.data.tasks); unused ones get weight 0.
     ordered = {t: float(weights.get(t, 0.0)) for t in config.data.tasks}
     return pipeline.make_pipeline(
         split.records, split.embeddings, tokenizer, ordered, seq_len=int(config.data.seq_len),
         batch_size=int(config.data.global_batch_size), seed=seed,
         max_embeddings_per_row=int(config.data.max_embeddings_per_row), embedding_dim=int(config.model.domain_dim),
-        prefetch=prefetch)
+        concept_vectors=concept_vectors, noise_std=noise_std, prefetch=prefetch)
 
 
 def train_batches(config: ml_collections.ConfigDict, split: Split, tokenizer: Tokenizer, stage: Stage,
-                  seed: int) -> Any:
-    """The stage's endless, checkpointable iterator of this host's rows of each global batch."""
-    return _make(config, split, tokenizer, stage.task_weights, seed, prefetch=int(config.data.get("prefetch", 0)))
+                  seed: int, concept_vectors: np.ndarray | None = None) -> Any:
+    """The stage's endless, checkpointable iterator of this host's rows of each global batch; input embeddings get
+    noise of `data.embedding_noise` times the training split's spread (the adapter's scale) per dimension."""
+    noise = float(config.data.get("embedding_noise", 0.0))
+    noise_std = noise * float(standardisation(split.embeddings)[1][0]) if noise > 0 else 0.0
+    return _make(config, split, tokenizer, stage.task_weights, seed, concept_vectors, noise_std,
+                 prefetch=int(config.data.get("prefetch", 0)))
 
 
-def eval_batches(config: ml_collections.ConfigDict, split: Split, tokenizer: Tokenizer,
-                 stage: Stage) -> Iterator[dict[str, np.ndarray]]:
-    """A fixed set of validation batches for the stage's tasks (same seed every time)."""
-    it = _make(config, split, tokenizer, stage.task_weights, seed=12345)
+def eval_batches(config: ml_collections.ConfigDict, split: Split, tokenizer: Tokenizer, stage: Stage,
+                 concept_vectors: np.ndarray | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """A fixed set of validation batches for the stage's tasks (same seed every time, no noise)."""
+    it = _make(config, split, tokenizer, stage.task_weights, seed=12345, concept_vectors=concept_vectors)
     for _ in range(int(config.eval.batches)):
         yield next(it)

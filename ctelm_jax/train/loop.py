@@ -127,6 +127,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption: P
             tasks = list(config.data.tasks)
             tokenizer = load_tokenizer(config.model)
             data = inputs.load_splits(config, workdir, tokenizer)
+            concept_vectors = inputs.offset_vectors(config, workdir, data["train"])
             # A resumed run restores the adapter statistics it started with over these.
             model = build_elm(config.model, tokenizer, constrain=constrainer(mesh, rules),
                               train_embeddings=data["train"].embeddings, mesh=mesh, rules=rules)
@@ -189,7 +190,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption: P
             train_step = built.step
             with preemption.droppable():
                 batches = inputs.train_batches(config, data["train"], tokenizer, stage,
-                                               seed=int(config.data.seed) + index)
+                                               seed=int(config.data.seed) + index, concept_vectors=concept_vectors)
                 if resuming and data_state is not None and step > start:
                     batches.set_state(data_state)
             flops_per_step = train_flops_per_token(dcfg, seq_len, "decoder" in stage.trainable) * global_batch * seq_len
@@ -246,7 +247,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption: P
                 if validate:
                     with preemption.droppable():
                         val_loss = evaluate(eval_step, ts.params, config, data["validation"], tokenizer, stage, mesh,
-                                            rules, tasks)
+                                            rules, tasks, concept_vectors)
                     scalars.update({f"val/{k}": v for k, v in val_loss.items()})
                 if unlogged is not None:
                     writer.write(step, unlogged)
@@ -291,11 +292,12 @@ def _as_dict(ts: TrainState) -> dict[str, Any]:
     return {"step": ts.step, "params": ts.params, "opt_state": ts.opt_state}
 
 
-def evaluate(eval_step, params, config, split, tokenizer, stage, mesh, rules, tasks) -> dict[str, float]:
+def evaluate(eval_step, params, config, split, tokenizer, stage, mesh, rules, tasks,
+             concept_vectors=None) -> dict[str, float]:
     """Validation loss over a fixed set of batches (token-weighted), overall and per task."""
     sums, counts, total, tokens = np.zeros(len(tasks)), np.zeros(len(tasks)), 0.0, 0.0
     cos_sum, texts = 0.0, 0.0
-    for batch in inputs.eval_batches(config, split, tokenizer, stage):
+    for batch in inputs.eval_batches(config, split, tokenizer, stage, concept_vectors):
         m = jax.device_get(eval_step(params, _place_batch(batch, mesh, rules)))
         sums += np.asarray(m["task_loss_sum"])
         counts += np.asarray(m["task_tokens"])

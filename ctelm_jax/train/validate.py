@@ -60,6 +60,10 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int | None = No
     for key in NON_NEGATIVE:
         if _value(config, key) < 0:
             raise UserError(f"{key}={_value(config, key)}: must be >= 0 (0 = off / all); set --config.{key}.")
+    noise = float(config.data.get("embedding_noise", 0.0))
+    if not math.isfinite(noise) or noise < 0:
+        raise UserError(f"data.embedding_noise={noise}: must be a finite number >= 0 (a share of the training "
+                        "embeddings' spread; 0 = off); set --config.data.embedding_noise, e.g. 0.1.")
     seq_len = _value(config, "data.seq_len")
     max_positions = decoder_config(config.model).max_position_embeddings
     if seq_len > max_positions:
