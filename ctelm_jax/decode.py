@@ -168,7 +168,7 @@ def rerank_config(mode: str, candidates: int, temperature: float, top_p: float, 
         raise UserError(f"--rerank_temperature={temperature}: sampled candidates need a positive temperature, "
                         "e.g. --rerank_temperature=0.7.")
     if not 0.0 < top_p <= 1.0:
-        raise UserError(f"--rerank_top_p={top_p}: it must lie in (0, 1], e.g. --rerank_top_p=0.95.")
+        raise UserError(f"--rerank_top_p={top_p}: it must lie in (0, 1] (1: off), e.g. --rerank_top_p=0.95.")
     return RerankConfig(candidates, temperature, top_p, seed)
 
 
@@ -225,7 +225,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("rerank", 0, "describe / interpolate / concept: decode this many candidates per text, "
                          "re-embed them with the run's encoder and keep the closest to the input vector (0 or 1: off).")
     flags.DEFINE_float("rerank_temperature", 0.7, "--rerank: sampling temperature of the candidates after the first.")
-    flags.DEFINE_float("rerank_top_p", 0.95, "--rerank: nucleus sampling mass of the candidates after the first.")
+    flags.DEFINE_float("rerank_top_p", 1.0, "--rerank: nucleus sampling mass of the candidates after the first "
+                       "(1: off; below 1 sorts the vocabulary at every step, slow on CPU).")
     flags.DEFINE_enum("quantize", "none", QUANTIZE_MODES,
                       "Weight-only quantisation for decoding: int8 holds the decoder's matrices as int8 with one scale "
                       "per output channel (a quarter of float32's bytes).")

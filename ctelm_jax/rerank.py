@@ -29,7 +29,9 @@ class RerankConfig:
 
     candidates: int = 4
     temperature: float = 0.7
-    top_p: float = 0.95
+    # 1: no nucleus filter. Below 1, `generate.top_p_filter` sorts the whole vocabulary at every step: for 32 rows of
+    # SmolLM2's 49,152 tokens about 0.85 s a step on 2 shared CPU cores, ten times the sampling draw itself (0.09 s).
+    top_p: float = 1.0
     seed: int = 0
 
     def __post_init__(self):
@@ -38,7 +40,7 @@ class RerankConfig:
         if self.temperature <= 0:
             raise ValueError(f"temperature={self.temperature}; sampled candidates need a positive one (e.g. 0.7).")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p={self.top_p}; it must lie in (0, 1] (e.g. 0.95).")
+            raise ValueError(f"top_p={self.top_p}; it must lie in (0, 1] (1: off).")
 
 
 @dataclasses.dataclass(frozen=True)

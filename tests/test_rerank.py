@@ -74,7 +74,7 @@ def test_chosen_is_the_argmax_and_greedy_is_candidate_0(monkeypatch):
     # The greedy decode runs with the given settings and rng, the 3 x 3 samples in one call at the options' settings.
     (n1, greedy, rng1), (n2, sampled, rng2) = calls["decode"]
     assert (n1, greedy, rng1) == (3, config, 3)
-    assert n2 == 9 and rng2 == 7 and (sampled.temperature, sampled.top_p) == (0.7, 0.95)
+    assert n2 == 9 and rng2 == 7 and (sampled.temperature, sampled.top_p) == (0.7, 1.0)
     assert sampled.max_new_tokens == 4 and sampled.batch_size == 8
     assert len(calls["encode"]) == 1 and len(calls["encode"][0]) == 12  # every candidate in one encoder call
 
@@ -154,7 +154,7 @@ def flags_for(tiny_run, npy, out, **changes):
         "workdir": str(tiny_run), "step": None, "mode": "describe", "texts": [], "npy": str(npy), "nctids": None,
         "question": "", "steps": 3, "concept": "", "strengths": [], "out": str(out), "max_new_tokens": 6,
         "temperature": 0.0, "top_p": 1.0, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "batch_size": 4,
-        "seed": 0, "quantize": "none", "rerank": 3, "rerank_temperature": 0.7, "rerank_top_p": 0.95, **changes})
+        "seed": 0, "quantize": "none", "rerank": 3, "rerank_temperature": 0.7, "rerank_top_p": 1.0, **changes})
 
 
 def test_decode_with_rerank_end_to_end(tiny_run, tmp_path, monkeypatch, capsys):

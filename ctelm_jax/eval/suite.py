@@ -60,9 +60,11 @@ class EvalSizes:
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 4  # 0 on the validation split: 47% well-formed, re-embed cosine 0.506; 4: 78%, 0.560
     # Describe candidates of the re-ranked ELM row (0 or 1: no such row). On the default run's 2 CPU cores greedy
-    # describe of the 32 trials takes about a minute and each sampled candidate about as long again (batches of 32,
-    # each as long as its longest text): 4 adds about 3 minutes (3 sampled batches and 128 re-embedded texts).
-    rerank_candidates: int = 4
+    # describe of the 32 trials takes about a minute (~0.34 s a step of 32 rows); a sampled batch of 32 takes about
+    # 1.25 of that (the draw over 49,152 tokens adds ~0.09 s a step; `RerankConfig.top_p` stays 1, a nucleus would add
+    # 0.85 s) and runs until its longest text ends: 3 candidates (2 sampled batches, 96 re-embedded texts) add about
+    # 2.5 minutes, 4 would add nearly 4.
+    rerank_candidates: int = 3
     split: str = "test"
     seed: int = 0
 
