@@ -2,6 +2,7 @@
 
     python -m ctelm_jax.decode --workdir=runs/default --mode=describe --nctids=NCT00000102,NCT00000104
     python -m ctelm_jax.decode --workdir=runs/default --mode=describe --nctids=NCT00000102 --quantize=int8
+    python -m ctelm_jax.decode --workdir=runs/default --mode=describe --nctids=NCT00000102 --rerank=8
     python -m ctelm_jax.decode --workdir=runs/default --mode=describe --texts="Phase: phase 2 ..." --texts="..."
     python -m ctelm_jax.decode --workdir=runs/default --mode=compare --npy=two_vectors.npy
     python -m ctelm_jax.decode --workdir=runs/default --mode=ask --nctids=NCT00000102 \
@@ -10,6 +11,10 @@
     python -m ctelm_jax.decode --workdir=runs/default --mode=concept --concept=age --strengths=-1,-0.5,0,0.5,1 \
         --nctids=NCT00000102
     python -m ctelm_jax.decode --workdir=runs/default --mode=embed --texts="Phase: phase 2 ..." --out=vectors.npy
+
+`--rerank=N` (describe, interpolate, concept) decodes N candidates per text: one with the decoding flags (greedy by
+default) and N - 1 sampled at `--rerank_temperature` / `--rerank_top_p` from `--seed`, re-embeds them with the run's
+encoder and keeps the one closest to the input vector (`rerank`); each result carries its cosine and candidate index.
 
 `--mode=embed` goes the other way: the run's ELM predicts each of `--texts`' encoder embedding (text -> vector, its
 embedding-prediction head), printed with its cosine to the encoder's embedding where the encoder is available, and
@@ -34,14 +39,16 @@ from etils import epath
 from ctelm_jax import concepts as concepts_lib
 from ctelm_jax import fs
 from ctelm_jax.data import render
-from ctelm_jax.errors import MissingInput, entry_point
+from ctelm_jax.errors import MissingInput, UserError, entry_point
 from ctelm_jax.eval import prompts
 from ctelm_jax.generate import SamplingConfig
 from ctelm_jax.models.elm import ELM
 from ctelm_jax.models.quantize import QUANTIZE_MODES, quantize_elm
+from ctelm_jax.rerank import Encode, RerankConfig, rerank
 from ctelm_jax.weights.tokenizer import Tokenizer
 
 MODES = ("describe", "compare", "ask", "interpolate", "concept", "embed")
+RERANK_MODES = ("describe", "interpolate", "concept")  # a text compared with the one embedding it describes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,21 +154,51 @@ def make_jobs(mode: str, tokenizer: Tokenizer, labels: Sequence[str], vectors: n
     raise ValueError(f"unknown --mode={mode!r}; choose one of {MODES}.")
 
 
-def decode_jobs(model: ELM, tokenizer: Tokenizer, jobs: Sequence[Job], config: SamplingConfig,
-                seed: int = 0) -> list[dict[str, Any]]:
-    """Decodes every job; one result dict per job (inputs, setting, text, parsed fields or None)."""
-    texts = prompts.decode_texts(model, tokenizer, [j.prompt for j in jobs], [j.vectors for j in jobs], config, seed)
+def rerank_config(mode: str, candidates: int, temperature: float, top_p: float, seed: int) -> RerankConfig | None:
+    """The settings of `--rerank` and its flags, None when off; a UserError naming the flag for a bad value."""
+    if candidates < 0:
+        raise UserError(f"--rerank={candidates}: pass 0 or 1 (off) or the number of candidates per text, "
+                        "e.g. --rerank=4.")
+    if candidates <= 1:
+        return None
+    if mode not in RERANK_MODES:
+        raise UserError(f"--rerank={candidates} re-ranks texts by their cosine to the one embedding they describe: "
+                        f"--mode={'/'.join(RERANK_MODES)}, not --mode={mode}; pass --rerank=0.")
+    if temperature <= 0:
+        raise UserError(f"--rerank_temperature={temperature}: sampled candidates need a positive temperature, "
+                        "e.g. --rerank_temperature=0.7.")
+    if not 0.0 < top_p <= 1.0:
+        raise UserError(f"--rerank_top_p={top_p}: it must lie in (0, 1] (1: off), e.g. --rerank_top_p=0.95.")
+    return RerankConfig(candidates, temperature, top_p, seed)
+
+
+def decode_jobs(model: ELM, tokenizer: Tokenizer, jobs: Sequence[Job], config: SamplingConfig, seed: int = 0,
+                options: RerankConfig | None = None, encode: Encode | None = None) -> list[dict[str, Any]]:
+    """Decodes every job; one result dict per job (inputs, setting, text, parsed fields or None); with `options`,
+    re-ranked by `encode` (`rerank`), each result also holding its cosine, candidate index and candidates' cosines."""
+    prompt_ids, vectors = [j.prompt for j in jobs], [j.vectors for j in jobs]
+    if options is not None and encode is None:
+        raise ValueError("re-ranking re-embeds the candidates: pass `encode` (the run's encoder) with `options`.")
+    if options is None:
+        texts, scores = prompts.decode_texts(model, tokenizer, prompt_ids, vectors, config, seed), [{}] * len(jobs)
+    else:
+        ranked = rerank(model, tokenizer, prompt_ids, vectors, config, encode, options, seed)
+        texts = ranked.texts
+        scores = [{"cosine": round(float(ranked.cosines[i, c]), 4), "candidate": int(c),
+                   "candidate_cosines": [round(float(x), 4) for x in ranked.cosines[i]]}
+                  for i, c in enumerate(ranked.chosen)]
     out = []
-    for job, text in zip(jobs, texts):
+    for job, text, score in zip(jobs, texts, scores):
         parsed = render.parse_text(text)
         out.append({"inputs": list(job.inputs), **job.setting, "prompt": tokenizer.decode(job.prompt, False),
-                    "text": text, "fields": None if parsed is None else dataclasses.asdict(parsed)})
+                    "text": text, "fields": None if parsed is None else dataclasses.asdict(parsed), **score})
     return out
 
 
 def readable(mode: str, result: dict[str, Any]) -> str:
     """A result as a short header line and its text."""
-    setting = ", ".join(f"{k}={result[k]}" for k in ("question", "t", "concept", "strength") if k in result)
+    setting = ", ".join(f"{k}={result[k]}" for k in ("question", "t", "concept", "strength", "candidate", "cosine")
+                        if k in result)
     return f"=== {mode}: {' + '.join(result['inputs'])}{f' ({setting})' if setting else ''}\n{result['text']}\n"
 
 
@@ -185,14 +222,19 @@ def define_flags() -> None:
     flags.DEFINE_integer("no_repeat_ngram_size", 0, "Never repeat an n-gram of the generated tokens (0: off).")
     flags.DEFINE_integer("batch_size", 16, "Decoding batch size.")
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
+    flags.DEFINE_integer("rerank", 0, "describe / interpolate / concept: decode this many candidates per text, "
+                         "re-embed them with the run's encoder and keep the closest to the input vector (0 or 1: off).")
+    flags.DEFINE_float("rerank_temperature", 0.7, "--rerank: sampling temperature of the candidates after the first.")
+    flags.DEFINE_float("rerank_top_p", 1.0, "--rerank: nucleus sampling mass of the candidates after the first "
+                       "(1: off; below 1 sorts the vocabulary at every step, slow on CPU).")
     flags.DEFINE_enum("quantize", "none", QUANTIZE_MODES,
                       "Weight-only quantisation for decoding: int8 holds the decoder's matrices as int8 with one scale "
                       "per output channel (a quarter of float32's bytes).")
 
 
-def _input_vectors(f: flags.FlagValues, workdir: epath.Path, config: Any,
-                   tokenizer: Tokenizer) -> tuple[list[str], np.ndarray]:
-    """(labels, vectors) from whichever of --texts / --npy / --nctids was given."""
+def _input_vectors(f: flags.FlagValues, workdir: epath.Path, config: Any, tokenizer: Tokenizer,
+                   encoder: tuple[Encode | None, str]) -> tuple[list[str], np.ndarray]:
+    """(labels, vectors) from whichever of --texts / --npy / --nctids was given (`encoder`: `run_encoder`'s)."""
     dim = int(config.model.domain_dim)
     given = [name for name, v in (("--texts", f.texts), ("--npy", f.npy), ("--nctids", f.nctids is not None)) if v]
     if len(given) != 1:
@@ -200,9 +242,7 @@ def _input_vectors(f: flags.FlagValues, workdir: epath.Path, config: Any,
     if f.npy:
         return vectors_from_npy(f.npy, dim)
     if f.texts:
-        from ctelm_jax.eval.suite import run_encoder
-
-        encode, note = run_encoder(config)
+        encode, note = encoder
         if encode is None:
             raise ValueError(f"cannot embed --texts: {note}.")
         vectors = check_vectors(encode(f.texts), dim, "encoded --texts")
@@ -223,9 +263,17 @@ def main(argv: list[str]) -> None:
 
 def decode(f: flags.FlagValues) -> None:
     """Loads the run, builds the prompts of --mode, decodes, prints and writes the results."""
-    from ctelm_jax.trained import load_trained
+    from ctelm_jax.eval.suite import run_encoder
+    from ctelm_jax.trained import load_run_config, load_trained
 
     workdir = fs.as_path(f.workdir)
+    options = rerank_config(f.mode, f.rerank, f.rerank_temperature, f.rerank_top_p, f.seed)
+    # The encoder (to embed --texts, to re-rank), checked before the model is loaded.
+    wants_encoder = f.mode != "embed" and (bool(f.texts) or options is not None)
+    encoder = run_encoder(load_run_config(workdir)) if wants_encoder else (None, "")
+    if options is not None and encoder[0] is None:
+        raise UserError(f"--rerank={f.rerank} re-embeds the candidates with the run's encoder, but {encoder[1]}; "
+                        "pass --rerank=0.")
     concept = None
     if f.mode == "concept":
         saved = concepts_lib.load(workdir)
@@ -237,12 +285,12 @@ def decode(f: flags.FlagValues) -> None:
         embed(f, model, tokenizer, config)
         return
     model = quantize_elm(model, f.quantize)
-    labels, vectors = _input_vectors(f, workdir, config, tokenizer)
+    labels, vectors = _input_vectors(f, workdir, config, tokenizer, encoder)
     jobs = make_jobs(f.mode, tokenizer, labels, vectors, question=f.question, steps=f.steps,
                      strengths=[float(s) for s in f.strengths], concept=concept)
     config_s = prompts.sampling_config(tokenizer, f.max_new_tokens, f.batch_size, f.temperature, f.top_p,
                                        f.repetition_penalty, f.no_repeat_ngram_size)
-    results = decode_jobs(model, tokenizer, jobs, config_s, f.seed)
+    results = decode_jobs(model, tokenizer, jobs, config_s, f.seed, options, encoder[0])
     for r in results:
         print(readable(f.mode, r))
     if f.out:

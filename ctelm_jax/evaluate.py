@@ -33,6 +33,9 @@ def define_flags() -> None:
                        "Repetition penalty of describe decoding (1 = off; OpenELM uses 1.2).")
     flags.DEFINE_integer("no_repeat_ngram_size", d.no_repeat_ngram_size,
                          "Never repeat an n-gram of generated tokens in describe / concept decoding (0 = off).")
+    flags.DEFINE_integer("rerank_candidates", d.rerank_candidates,
+                         "Candidates of the re-ranked describe row: the greedy text and n - 1 sampled ones, the one "
+                         "closest to its embedding when re-embedded kept (0 or 1: no such row).")
     flags.DEFINE_enum("split", d.split, ["test", "validation"], "Held-out split.")
     flags.DEFINE_integer("seed", d.seed, "Seed of the trial and vector samples.")
 
@@ -51,7 +54,7 @@ def main(argv: list[str]) -> None:
         attribute_max_new_tokens=f.attribute_max_new_tokens, n_concept=f.n_concept,
         concept_max_new_tokens=f.concept_max_new_tokens, strengths=tuple(float(s) for s in f.strengths),
         n_novel=f.n_novel, repetition_penalty=f.repetition_penalty, no_repeat_ngram_size=f.no_repeat_ngram_size,
-        split=f.split, seed=f.seed)
+        rerank_candidates=f.rerank_candidates, split=f.split, seed=f.seed)
     print(run_evaluation(f.workdir, sizes, f.step))
 
 

@@ -54,11 +54,15 @@ def test_decode_and_evaluate_programs(workdir, tmp_path):
         "--max_new_tokens=8", f"--out={out}")
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 2 and all(r["step"] == 8 for r in rows)
+    run("ctelm_jax.decode", f"--workdir={workdir}", "--mode=describe", f"--nctids={ids[0]}", "--max_new_tokens=8",
+        "--rerank=3", f"--out={out}")
+    [row] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(row["candidate_cosines"]) == 3 and row["cosine"] == max(row["candidate_cosines"])
 
     report = run("ctelm_jax.evaluate", f"--workdir={workdir}", "--n_test=2", "--max_new_tokens=8", "--n_attribute=1",
                  "--attribute_max_new_tokens=4", "--n_concept=1", "--concept_max_new_tokens=8", "--strengths=-1,1",
-                 "--n_novel=1")
-    assert "| ELM (step 8) |" in report
+                 "--n_novel=1", "--rerank_candidates=2")
+    assert "| ELM (step 8) |" in report and "| ELM, re-ranked (n=2) |" in report
 
 
 @pytest.mark.slow

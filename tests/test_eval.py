@@ -170,7 +170,7 @@ def fake_encode(texts):
 
 def test_evaluate_run_end_to_end(tiny_run):
     sizes = EvalSizes(n_test=4, max_new_tokens=12, batch_size=4, n_attribute=2, attribute_max_new_tokens=6,
-                      n_concept=2, concept_max_new_tokens=8, strengths=(-1.0, 1.0), n_novel=2)
+                      n_concept=2, concept_max_new_tokens=8, strengths=(-1.0, 1.0), n_novel=2, rerank_candidates=3)
     markdown = evaluate_run(tiny_run, sizes, encode=fake_encode)
     out = tiny_run / "eval"
     for name in ("report.md", "metrics.json", "samples.jsonl", "cosine_hist.png", "concept_curves.png"):
@@ -178,8 +178,19 @@ def test_evaluate_run_end_to_end(tiny_run):
     assert (tiny_run / "concepts.npz").is_file() and (tiny_run / "concepts.json").is_file()
     results = json.loads((out / "metrics.json").read_text())
     assert results["step"] == 3
-    assert set(results["describe"]) == {"ELM", "untrained adapter", "nearest training neighbour",
-                                        "random training text"}
+    assert list(results["describe"]) == ["ELM", "ELM, re-ranked (n=3)", "untrained adapter",
+                                         "nearest training neighbour", "random training text"]
+    reranked = results["describe"]["ELM, re-ranked (n=3)"]
+    assert (np.array(reranked["cosines"]) >= np.array(results["describe"]["ELM"]["cosines"])).all()
+    assert results["rerank"]["candidates"] == 3 and len(results["rerank"]["chosen"]) == 4
+    for name in ("ELM", "ELM, re-ranked (n=3)", "untrained adapter"):
+        assert results["describe"][name]["seconds_per_text"] > 0, name
+    assert results["describe"]["ELM, re-ranked (n=3)"]["seconds_per_text"] > results["describe"]["ELM"][
+        "seconds_per_text"]
+    assert "seconds_per_text" not in results["describe"]["nearest training neighbour"]
+    assert re.search(r"^\| ELM, re-ranked \(n=3\) \| [\d.-]+ ± [\d.]+ \| .* \| \d+\.\d\d \|$", markdown, re.M)
+    assert re.search(r"the greedy text on \d/4 trials\).*ELM, re-ranked \(n=3\) re-embed cosine -?[\d.]+: [\d.]+ "
+                     r"(above|below) the ELM \(ELM, re-ranked \(n=3\) closer on \d/4 trials\)", markdown)
     assert results["describe"]["nearest training neighbour"]["well_formed"] == 1.0
     assert results["describe"]["ELM"]["cosine"]["n"] == 4
     assert set(results["attributes"]) == set(probes.EVAL_ATTRIBUTES)
@@ -190,7 +201,8 @@ def test_evaluate_run_end_to_end(tiny_run):
         assert set(row["facts"]) >= {"key_facts", "conditions_f1", "interventions_f1", "ages", "ages_within",
                                      "logic", "logic_n"}, name
     facts_md = markdown.split("## Facts", 1)[1].split("##", 1)[0]
-    for label in ("| ELM (step 3) |", "| nearest training neighbour |", "| random training text |"):
+    for label in ("| ELM (step 3) |", "| ELM, re-ranked (n=3) |", "| nearest training neighbour |",
+                  "| random training text |"):
         assert label in facts_md, label
     assert "| key facts |" in facts_md and "| logic (items) |" in facts_md
     sex = results["concepts"]["curves"]["sex"]
@@ -200,7 +212,11 @@ def test_evaluate_run_end_to_end(tiny_run):
     assert re.search(r"ELM re-embed cosine -?[\d.]+: [\d.]+ (above|below) the untrained adapter \(ELM closer on \d/4 "
                      r"trials\); .*nearest training neighbour", markdown)
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    assert len([s for s in samples if s["task"] == "describe"]) == 16
+    assert len([s for s in samples if s["task"] == "describe"]) == 20
+    chosen = results["rerank"]["chosen"]
+    shown = {name: [s["text"] for s in samples if s["task"] == "describe" and s["system"] == name]
+             for name in ("ELM", "ELM, re-ranked (n=3)")}
+    assert all(a == b for a, b, c in zip(*shown.values(), chosen) if c == 0)  # greedy kept: the same text
     for name, row in results["describe"].items():  # the facts are those of the texts the report shows
         shown = [s for s in samples if s["task"] == "describe" and s["system"] == name]
         expected = facts.fact_table([s["text"] for s in shown], [s["truth"] for s in shown])

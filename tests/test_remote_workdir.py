@@ -178,10 +178,11 @@ def test_remote_run_resumes_exports_and_evaluates(bucket, tmp_path):
     decode.decode(types.SimpleNamespace(
         workdir=remote, step=None, mode="describe", texts=[], npy=str(vectors), nctids=None, question="", steps=2,
         concept="", strengths=[], out=f"{remote}/decoded.jsonl", max_new_tokens=4, temperature=0.0, top_p=1.0,
-        repetition_penalty=1.0, no_repeat_ngram_size=0, batch_size=2, seed=0, quantize="none"))
+        repetition_penalty=1.0, no_repeat_ngram_size=0, batch_size=2, seed=0, quantize="none", rerank=0,
+        rerank_temperature=0.7, rerank_top_p=1.0))
     assert len((root / "decoded.jsonl").read_text().splitlines()) == 2
     sizes = EvalSizes(n_test=2, max_new_tokens=6, batch_size=2, n_attribute=1, attribute_max_new_tokens=4,
-                      n_concept=1, concept_max_new_tokens=4, strengths=(1.0,), n_novel=1)
+                      n_concept=1, concept_max_new_tokens=4, strengths=(1.0,), n_novel=1, rerank_candidates=0)
     markdown = evaluate_run(remote, sizes, encode=HashEncoder().encode)
     assert f"| ELM (step {STEPS}) |" in markdown
     assert (root / "eval" / "report.md").read_text() == markdown

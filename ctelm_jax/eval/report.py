@@ -27,34 +27,50 @@ def _stat(s: dict[str, float] | None, digits: int = 3) -> str:
 
 
 def describe_table(results: dict[str, Any]) -> str:
-    """The main table: each system's re-embed cosine, ROUGE-L, BLEU and share of well-formed texts."""
-    lines = ["| system | re-embed cosine | ROUGE-L | BLEU | well-formed |", "|---|---|---|---|---|"]
+    """The main table: each system's re-embed cosine, ROUGE-L, BLEU, share of well-formed texts and, for the decoded
+    ones, seconds per text."""
+    lines = ["| system | re-embed cosine | ROUGE-L | BLEU | well-formed | s / text |", "|---|---|---|---|---|---|"]
     for name, row in results["describe"].items():
         label = f"ELM (step {results['step']})" if name == "ELM" else name
+        seconds = f"{row['seconds_per_text']:.2f}" if "seconds_per_text" in row else "-"
         lines.append(f"| {label} | {_stat(row.get('cosine'))} | {_stat(row['rouge_l'])} | {row['bleu']:.1f} | "
-                     f"{row['well_formed']:.0%} |")
+                     f"{row['well_formed']:.0%} | {seconds} |")
     return "\n".join(lines)
 
 
-def describe_verdict(results: dict[str, Any]) -> str:
-    """One sentence per baseline: the ELM's mean re-embed cosine minus the baseline's, and on how many of the same
-    trials the ELM's text is the closer one."""
+def describe_verdict(results: dict[str, Any], system: str = "ELM") -> str:
+    """One sentence part per other system: `system`'s mean re-embed cosine minus that system's, and on how many of
+    the same trials `system`'s text is the closer one (the ELM's sentence leaves out its re-ranked row, which has
+    its own)."""
     rows = results["describe"]
-    ours = rows.get("ELM", {}).get("cosines")
+    ours = rows.get(system, {}).get("cosines")
     if not ours:
         return "No re-embed cosines (no encoder): no comparison with the baselines."
+    skip = {system}
+    if system == "ELM" and results.get("rerank"):
+        skip.add(results["rerank"]["system"])
     ours = np.asarray(ours)
     parts = []
     for name, row in rows.items():
         theirs = row.get("cosines")
-        if name == "ELM" or not theirs or len(theirs) != len(ours):
+        if name in skip or not theirs or len(theirs) != len(ours):
             continue
         theirs = np.asarray(theirs)
         delta = float(ours.mean() - theirs.mean())
         word = "above" if delta > 0 else "below"
-        parts.append(f"{abs(delta):.3f} {word} the {name} (ELM closer on {int((ours > theirs).sum())}/{len(ours)} "
-                     "trials)")
-    return f"ELM re-embed cosine {ours.mean():.3f}: " + "; ".join(parts) + "."
+        parts.append(f"{abs(delta):.3f} {word} the {name} ({system} closer on {int((ours > theirs).sum())}/"
+                     f"{len(ours)} trials)")
+    return f"{system} re-embed cosine {ours.mean():.3f}: " + "; ".join(parts) + "."
+
+
+def rerank_note(results: dict[str, Any]) -> str:
+    """What the re-ranked row is, how often it kept the greedy text, and its verdict (`results["rerank"]` set)."""
+    info = results["rerank"]
+    k = len(info["chosen"])
+    return (f"{info['system']}: the ELM's greedy text and {info['candidates'] - 1} texts sampled at temperature "
+            f"{info['temperature']}, top-p {info['top_p']} (seed {info['seed']}), each re-embedded by the encoder; "
+            f"the one closest to the input embedding is kept (the greedy text on {info['greedy_kept']}/{k} trials). "
+            f"Its s / text includes the greedy decode. {describe_verdict(results, info['system'])}")
 
 
 def facts_table(results: dict[str, Any]) -> str:
@@ -171,10 +187,14 @@ def markdown(results: dict[str, Any], cosine_png: bool, concepts_png: bool) -> s
         f"## Describe ({sizes['n_test']} trials, up to {sizes['max_new_tokens']} new tokens)", "",
         describe_table(results), "",
         describe_verdict(results), "",
+        *([rerank_note(results), ""] if results.get("rerank") else []),
         "ELM: the checkpoint. Untrained adapter: the same pretrained decoder with the run's freshly initialised "
         "adapter and LoRA at initialisation (a no-op), i.e. the model at step 0. Nearest training neighbour: the text "
         "of the most similar training embedding (retrieval). ROUGE-L / BLEU against the true canonical text; "
-        "well-formed: `render.parse_text` accepts it.", "",
+        "well-formed: `render.parse_text` accepts it. s / text: wall time of the system's describe decodes over the "
+        "number of trials (the untrained adapter's includes compiling the greedy decode, which the ELM's reuses; the "
+        "re-ranked row's includes its greedy decode, compiling the sampled one, the samples and their re-embedding).",
+        "",
     ]
     if cosine_png:
         parts += [f"![re-embed cosine]({COSINE_PNG})", ""]

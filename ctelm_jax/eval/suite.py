@@ -2,6 +2,8 @@
 
 Systems compared on `describe` (decode the trial's text from its embedding):
   ELM                  the run's checkpoint (adapter + LoRA on the frozen decoder), greedy decoding.
+  ELM, re-ranked (n=K) the same ELM's greedy text and K - 1 sampled ones, the one whose re-embedding is closest to the
+                       input embedding kept (`rerank`; never below the greedy text's re-embed cosine).
   untrained adapter    `build_elm(config.model)`: the same pretrained decoder with the freshly initialised adapter the
                        run started from and LoRA at its initialisation (B = 0, a no-op): the model at step 0. It shows
                        what the decoder writes from soft tokens it was never taught to read.
@@ -20,7 +22,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 from absl import logging
@@ -29,15 +31,16 @@ from ctelm_jax import concepts as concepts_lib
 from ctelm_jax import fs
 from ctelm_jax.data import render
 from ctelm_jax.data.tasks import attribute_answer
+from ctelm_jax.errors import UserError
 from ctelm_jax.eval import facts, metrics, probes, prompts, report
 from ctelm_jax.models.build import build_elm
 from ctelm_jax.parallel.rules import as_rules, constrainer
+from ctelm_jax.rerank import Encode, RerankConfig, rerank
 from ctelm_jax.text_embedding import embed_texts
 from ctelm_jax.train.inputs import load_splits
 from ctelm_jax.trained import load_run_config, load_trained, run_mesh
 from ctelm_jax.weights.default import encoder_dir
 
-Encode = Callable[[Sequence[str]], np.ndarray]
 MAJORITY_SAMPLE = 500
 
 
@@ -56,10 +59,19 @@ class EvalSizes:
     n_novel: int = 8
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 4  # 0 on the validation split: 47% well-formed, re-embed cosine 0.506; 4: 78%, 0.560
+    # Describe candidates of the re-ranked ELM row (0 or 1: no such row). On the default run's 2 CPU cores greedy
+    # describe of the 32 trials takes about a minute (~0.34 s a step of 32 rows); a sampled batch of 32 takes about
+    # 1.25 of that (the draw over 49,152 tokens adds ~0.09 s a step; `RerankConfig.top_p` stays 1, a nucleus would add
+    # 0.85 s) and runs until its longest text ends: 3 candidates (2 sampled batches, 96 re-embedded texts) add about
+    # 2.5 minutes, 4 would add nearly 4.
+    rerank_candidates: int = 3
     split: str = "test"
     seed: int = 0
 
     def __post_init__(self):
+        if self.rerank_candidates < 0:
+            raise UserError(f"rerank_candidates={self.rerank_candidates}: use 0 or 1 (off) or a count >= 2, e.g. "
+                            "--rerank_candidates=4.")
         counts = {k: getattr(self, k) for k in ("n_test", "max_new_tokens", "batch_size", "n_attribute",
                                                 "attribute_max_new_tokens", "n_concept", "concept_max_new_tokens",
                                                 "n_novel")}
@@ -127,10 +139,24 @@ def evaluate_run(workdir: str | os.PathLike, sizes: EvalSizes = EvalSizes(), enc
                                   repetition_penalty=sizes.repetition_penalty,
                                   no_repeat_ngram_size=sizes.no_repeat_ngram_size)
     singles = [v[None] for v in vectors]
+    # The untrained adapter first: its decode compiles the one the ELM's reuses, so the ELM's time is decoding alone.
+    untrained = prompts.decode_texts(baseline_model, tokenizer, [describe] * len(rows), singles, cfg)
+    lap("describe (untrained adapter)")
     texts = {"ELM": prompts.decode_texts(model, tokenizer, [describe] * len(rows), singles, cfg)}
     lap("describe (ELM)")
-    texts["untrained adapter"] = prompts.decode_texts(baseline_model, tokenizer, [describe] * len(rows), singles, cfg)
-    lap("describe (untrained adapter)")
+    decode_s = {"ELM": timings["describe (ELM)"], "untrained adapter": timings["describe (untrained adapter)"]}
+    rerank_info = None
+    if sizes.rerank_candidates > 1 and encode is not None:
+        options = RerankConfig(candidates=sizes.rerank_candidates, seed=sizes.seed)
+        reranked = rerank(model, tokenizer, [describe] * len(rows), singles, cfg, encode, options,
+                          first=texts["ELM"])
+        rerank_name = f"ELM, re-ranked (n={options.candidates})"
+        texts[rerank_name] = reranked.texts
+        lap("describe (ELM, re-ranked)")
+        decode_s[rerank_name] = decode_s["ELM"] + timings["describe (ELM, re-ranked)"]  # greedy is its candidate 0
+        rerank_info = {"system": rerank_name, **dataclasses.asdict(options), "chosen": reranked.chosen.tolist(),
+                       "greedy_kept": int((reranked.chosen == 0).sum())}
+    texts["untrained adapter"] = untrained
     train_ids = [r["nctid"] for r in train.records]
     nn = metrics.nearest_neighbours(vectors, train.embeddings, [r["nctid"] for r in records], train_ids)
     texts["nearest training neighbour"] = [render.render_text(train.records[i]) for i in nn]
@@ -145,6 +171,8 @@ def evaluate_run(workdir: str | os.PathLike, sizes: EvalSizes = EvalSizes(), enc
         if encode is not None:
             cos = metrics.cosine_rows(encode(system_texts), vectors)
             row["cosine"], row["cosines"] = metrics.summary(cos), [round(float(c), 4) for c in cos]
+        if name in decode_s:
+            row["seconds_per_text"] = round(decode_s[name] / len(rows), 3)
         systems[name] = row
     lap("describe metrics")
 
@@ -212,7 +240,7 @@ def evaluate_run(workdir: str | os.PathLike, sizes: EvalSizes = EvalSizes(), enc
 
     results = {
         "workdir": str(workdir), "step": trained_step, "split": sizes.split, "sizes": dataclasses.asdict(sizes),
-        "encoder": encoder_note, "describe": systems, "attributes": attributes, "concepts": {
+        "encoder": encoder_note, "describe": systems, "rerank": rerank_info, "attributes": attributes, "concepts": {
             "source": concepts_note, "definitions": {c.name: {"description": c.description, "positive": c.positive,
                                                               "negative": c.negative} for c in concepts.values()},
             "curves": curves},
