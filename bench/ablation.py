@@ -1,0 +1,138 @@
+"""Ablation of ctELM's recipe on the default budget (issue 13): each variant trains `configs/default.py` with one part
+taken out, for the same steps and seeds, and is evaluated on the validation split.
+
+    .venv/bin/python bench/ablation.py --variant=describe_only [--root=runs/ablation] [--embeddings=runs/default]
+    .venv/bin/python bench/ablation.py --variant=full --reuse=runs/default   # evaluate a finished default run
+    .venv/bin/python bench/ablation.py --table                               # the markdown table of every variant
+
+Each variant's run is `<root>/<variant>`; the corpus embeddings are copied from `--embeddings` (a run that has them)
+so that no variant spends the encoder's minutes again. The evaluation leaves out the re-ranked row (same greedy
+decoding, minutes cheaper); its metrics stay in `<root>/<variant>/eval/metrics.json`. Results go to BENCHMARKS.md
+by hand, with the machine and the date.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import ml_collections
+from absl import app, flags
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from configs.default import get_config  # noqa: E402
+from ctelm_jax.evaluate import run_evaluation  # noqa: E402
+from ctelm_jax.eval.suite import EvalSizes  # noqa: E402
+from ctelm_jax.train.loop import train  # noqa: E402
+
+
+def _without_tasks(c: ml_collections.ConfigDict, *names: str) -> None:
+    for stage in c.stages:
+        stage["tasks"] = {k: v for k, v in stage["tasks"].items() if k not in names}
+
+
+def _no_offset(c: ml_collections.ConfigDict) -> None:
+    _without_tasks(c, "offset")
+
+
+def _no_noise(c: ml_collections.ConfigDict) -> None:
+    c.data.embedding_noise = 0.0
+
+
+def _no_embed(c: ml_collections.ConfigDict) -> None:
+    c.model.embed_pred_weight = 0.0
+    _without_tasks(c, "embed")
+
+
+def _describe_only(c: ml_collections.ConfigDict) -> None:
+    _no_embed(c)
+    for stage in c.stages:
+        stage["tasks"] = {"describe": 1.0}
+
+
+def _k4(c: ml_collections.ConfigDict) -> None:
+    c.model.tokens_per_embedding = 4
+
+
+VARIANTS: dict[str, tuple[str, Callable[[ml_collections.ConfigDict], None]]] = {
+    "full": ("full recipe (configs/default.py)", lambda c: None),
+    "no_offset": ("without concept-offset training", _no_offset),
+    "no_noise": ("without smoothness (embedding noise 0)", _no_noise),
+    "no_embed": ("without embedding prediction", _no_embed),
+    "describe_only": ("describe only", _describe_only),
+    "k4": ("k = 4 soft tokens per embedding", _k4),
+}
+
+_VARIANT = flags.DEFINE_enum("variant", None, list(VARIANTS), "The variant to train and evaluate.")
+_ROOT = flags.DEFINE_string("root", "runs/ablation", "Folder of the variants' runs.")
+_EMBEDDINGS = flags.DEFINE_string("embeddings", "runs/default", "A run whose embeddings/ the variants copy.")
+_REUSE = flags.DEFINE_string("reuse", "", "A finished run of this variant's config to copy instead of training.")
+_TABLE = flags.DEFINE_bool("table", False, "Print the table of the evaluated variants and exit.")
+
+
+def _row(name: str, m: dict) -> str:
+    """One markdown row of a variant's validation metrics."""
+    elm = m["describe"]["ELM"]
+    cells = [VARIANTS[name][0], f"{elm['cosine']['mean']:.3f}", f"{elm['facts']['key_facts']:.2f}"]
+    for concept in ("age", "sex", "pediatric"):
+        curve = m["concepts"]["curves"].get(concept)
+        if curve is None:
+            cells.append("-")
+            continue
+        by_s = {r["strength"]: r["share"] for r in curve["responsive"]}
+        cells.append(f"{by_s.get(-1.0, math.nan):.2f} / {by_s.get(1.0, math.nan):.2f} ({curve['shape']})")
+    novel = m["novel"]
+    cells.append(f"{sum(v['well_formed'] * v['n'] for v in novel.values()) / sum(v['n'] for v in novel.values()):.2f}")
+    pred = m.get("embed_prediction")
+    cells.append(f"{pred['ELM']['mean']:.3f}" if pred else "-")
+    return "| " + " | ".join(cells) + " |"
+
+
+def table(root: Path) -> str:
+    """Markdown table of every variant evaluated under `root`."""
+    head = ("| variant | re-embed cos | key facts | age -1 / +1 | sex -1 / +1 | pediatric -1 / +1 | novel well-formed "
+            "| cos(predicted, encoder) |\n|---|---|---|---|---|---|---|---|")
+    rows = [_row(name, json.loads((root / name / "eval" / "metrics.json").read_text()))
+            for name in VARIANTS if (root / name / "eval" / "metrics.json").is_file()]
+    return "\n".join([head, *rows])
+
+
+def main(argv: list[str]) -> None:
+    """Trains and evaluates one variant, or prints the table."""
+    del argv
+    root = Path(_ROOT.value)
+    if _TABLE.value:
+        print(table(root))
+        return
+    if _VARIANT.value is None:
+        raise app.UsageError("give --variant (one of " + ", ".join(VARIANTS) + ") or --table.")
+    workdir = root / _VARIANT.value
+    start = time.time()
+    if _REUSE.value:
+        if workdir.exists():
+            raise app.UsageError(f"{workdir} exists; remove it to copy {_REUSE.value} again.")
+        shutil.copytree(_REUSE.value, workdir, ignore=shutil.ignore_patterns("eval", "explore", "lock.json"))
+    else:
+        config = get_config()
+        VARIANTS[_VARIANT.value][1](config)
+        source = Path(_EMBEDDINGS.value) / "embeddings"
+        if source.is_dir() and not (workdir / "embeddings").exists():
+            shutil.copytree(source, workdir / "embeddings")
+        summary = train(config, workdir)
+        if summary["status"] != "finished":
+            raise SystemExit(f"training {summary['status']} at step {summary.get('step')}; rerun to resume.")
+    trained_s = time.time() - start
+    run_evaluation(workdir, EvalSizes(split="validation", rerank_candidates=0))
+    evaluated_s = time.time() - start - trained_s
+    print(f"{_VARIANT.value}: trained in {trained_s / 60:.1f} min, evaluated in {evaluated_s / 60:.1f} min")
+    print(table(root))
+
+
+if __name__ == "__main__":
+    app.run(main)
