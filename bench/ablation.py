@@ -5,9 +5,9 @@ taken out, for the same steps and seeds, and is evaluated on the validation spli
     .venv/bin/python bench/ablation.py --variant=full --reuse=runs/default   # evaluate a finished default run
     .venv/bin/python bench/ablation.py --table                               # the markdown table of every variant
 
-Each variant's run is `<root>/<variant>`; the corpus embeddings are copied from `--embeddings` (a run that has them)
-so that no variant spends the encoder's minutes again. The evaluation leaves out the re-ranked row (same greedy
-decoding, minutes cheaper); its metrics stay in `<root>/<variant>/eval/metrics.json`. Results go to BENCHMARKS.md
+Each variant's run is `<root>/<variant>`; it reads the corpus embeddings of `--embeddings` (a run that has them,
+through `data.embeddings`) so that no variant spends the encoder's minutes again. The evaluation leaves out the
+re-ranked row (same greedy decoding, minutes cheaper); its metrics stay in `<root>/<variant>/eval/metrics.json`. Results go to BENCHMARKS.md
 by hand, with the machine and the date.
 """
 
@@ -71,7 +71,7 @@ VARIANTS: dict[str, tuple[str, Callable[[ml_collections.ConfigDict], None]]] = {
 
 _VARIANT = flags.DEFINE_enum("variant", None, list(VARIANTS), "The variant to train and evaluate.")
 _ROOT = flags.DEFINE_string("root", "runs/ablation", "Folder of the variants' runs.")
-_EMBEDDINGS = flags.DEFINE_string("embeddings", "runs/default", "A run whose embeddings/ the variants copy.")
+_EMBEDDINGS = flags.DEFINE_string("embeddings", "runs/default", "A run whose embeddings/corpus the variants read.")
 _REUSE = flags.DEFINE_string("reuse", "", "A finished run of this variant's config to copy instead of training.")
 _TABLE = flags.DEFINE_bool("table", False, "Print the table of the evaluated variants and exit.")
 
@@ -121,9 +121,7 @@ def main(argv: list[str]) -> None:
     else:
         config = get_config()
         VARIANTS[_VARIANT.value][1](config)
-        source = Path(_EMBEDDINGS.value) / "embeddings"
-        if source.is_dir() and not (workdir / "embeddings").exists():
-            shutil.copytree(source, workdir / "embeddings")
+        config.data.embeddings = str(Path(_EMBEDDINGS.value) / "embeddings" / "corpus")  # read, not recomputed
         summary = train(config, workdir)
         if summary["status"] != "finished":
             raise SystemExit(f"training {summary['status']} at step {summary.get('step')}; rerun to resume.")
