@@ -7,8 +7,8 @@ taken out, for the same steps and seeds, and is evaluated on the validation spli
 
 Each variant's run is `<root>/<variant>`; it reads the corpus embeddings of `--embeddings` (a run that has them,
 through `data.embeddings`) so that no variant spends the encoder's minutes again. The evaluation leaves out the
-re-ranked row (same greedy decoding, minutes cheaper); its metrics stay in `<root>/<variant>/eval/metrics.json`. Results go to BENCHMARKS.md
-by hand, with the machine and the date.
+re-ranked row (same greedy decoding, minutes cheaper); its metrics stay in `<root>/<variant>/eval/metrics.json`.
+Results go to BENCHMARKS.md by hand, with the machine and the date.
 """
 
 from __future__ import annotations
