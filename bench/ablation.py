@@ -2,12 +2,13 @@
 taken out, for the same steps and seeds, and is evaluated on the validation split.
 
     .venv/bin/python bench/ablation.py --variant=describe_only [--root=runs/ablation] [--embeddings=runs/default]
-    .venv/bin/python bench/ablation.py --variant=full --reuse=runs/default   # evaluate a finished default run
+    .venv/bin/python bench/ablation.py --variant=full --reuse=runs/default   # evaluate a finished run of the variant
     .venv/bin/python bench/ablation.py --table                               # the markdown table of every variant
 
-Each variant's run is `<root>/<variant>`; it reads the corpus embeddings of `--embeddings` (a run that has them,
-through `data.embeddings`) so that no variant spends the encoder's minutes again. The evaluation leaves out the
-re-ranked row (same greedy decoding, minutes cheaper); its metrics stay in `<root>/<variant>/eval/metrics.json`.
+Each variant's run is `<root>/<variant>` (or the `--reuse` run, left as it is); it reads the corpus embeddings of
+`--embeddings` (a run that has them, through `data.embeddings`) so that no variant spends the encoder's minutes again.
+The evaluation leaves out the re-ranked row (same greedy decoding, minutes cheaper); its metrics go to
+`<root>/<variant>/eval/metrics.json`.
 Results go to BENCHMARKS.md by hand, with the machine and the date.
 """
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -72,7 +72,7 @@ VARIANTS: dict[str, tuple[str, Callable[[ml_collections.ConfigDict], None]]] = {
 _VARIANT = flags.DEFINE_enum("variant", None, list(VARIANTS), "The variant to train and evaluate.")
 _ROOT = flags.DEFINE_string("root", "runs/ablation", "Folder of the variants' runs.")
 _EMBEDDINGS = flags.DEFINE_string("embeddings", "runs/default", "A run whose embeddings/corpus the variants read.")
-_REUSE = flags.DEFINE_string("reuse", "", "A finished run of this variant's config to copy instead of training.")
+_REUSE = flags.DEFINE_string("reuse", "", "A finished run of this variant's config to evaluate instead of training.")
 _TABLE = flags.DEFINE_bool("table", False, "Print the table of the evaluated variants and exit.")
 
 
@@ -112,13 +112,9 @@ def main(argv: list[str]) -> None:
         return
     if _VARIANT.value is None:
         raise app.UsageError("give --variant (one of " + ", ".join(VARIANTS) + ") or --table.")
-    workdir = root / _VARIANT.value
+    workdir = Path(_REUSE.value) if _REUSE.value else root / _VARIANT.value
     start = time.time()
-    if _REUSE.value:
-        if workdir.exists():
-            raise app.UsageError(f"{workdir} exists; remove it to copy {_REUSE.value} again.")
-        shutil.copytree(_REUSE.value, workdir, ignore=shutil.ignore_patterns("eval", "explore", "lock.json"))
-    else:
+    if not _REUSE.value:
         config = get_config()
         VARIANTS[_VARIANT.value][1](config)
         config.data.embeddings = str(Path(_EMBEDDINGS.value) / "embeddings" / "corpus")  # read, not recomputed
@@ -126,7 +122,7 @@ def main(argv: list[str]) -> None:
         if summary["status"] != "finished":
             raise SystemExit(f"training {summary['status']} at step {summary.get('step')}; rerun to resume.")
     trained_s = time.time() - start
-    run_evaluation(workdir, EvalSizes(split="validation", rerank_candidates=0))
+    run_evaluation(workdir, EvalSizes(split="validation", rerank_candidates=0), out=root / _VARIANT.value / "eval")
     evaluated_s = time.time() - start - trained_s
     print(f"{_VARIANT.value}: trained in {trained_s / 60:.1f} min, evaluated in {evaluated_s / 60:.1f} min")
     print(table(root))

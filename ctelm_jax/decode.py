@@ -164,12 +164,10 @@ def rerank_config(mode: str, candidates: int, temperature: float, top_p: float, 
     if mode not in RERANK_MODES:
         raise UserError(f"--rerank={candidates} re-ranks texts by their cosine to the one embedding they describe: "
                         f"--mode={'/'.join(RERANK_MODES)}, not --mode={mode}; pass --rerank=0.")
-    if temperature <= 0:
-        raise UserError(f"--rerank_temperature={temperature}: sampled candidates need a positive temperature, "
-                        "e.g. --rerank_temperature=0.7.")
-    if not 0.0 < top_p <= 1.0:
-        raise UserError(f"--rerank_top_p={top_p}: it must lie in (0, 1] (1: off), e.g. --rerank_top_p=0.95.")
-    return RerankConfig(candidates, temperature, top_p, seed)
+    try:
+        return RerankConfig(candidates, temperature, top_p, seed)
+    except ValueError as e:  # its message starts with the field (temperature=..., top_p=...): name the flag
+        raise UserError(f"--rerank_{e}") from e
 
 
 def decode_jobs(model: ELM, tokenizer: Tokenizer, jobs: Sequence[Job], config: SamplingConfig, seed: int = 0,

@@ -1,6 +1,6 @@
 """Evaluates a trained run on its held-out split and writes `<workdir>/eval/` (report.md, metrics.json, plots).
 
-`python -m ctelm_jax.evaluate --workdir=runs/default [--n_test=32 --max_new_tokens=160 --batch_size=16 ...]`
+`python -m ctelm_jax.evaluate --workdir=runs/default [--out=<folder> --n_test=32 --max_new_tokens=160 ...]`
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "Run directory (config.json + checkpoints/; local or gs://).",
                         required=True)
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+    flags.DEFINE_string("out", None, "Folder of the report, metrics and samples (default: <workdir>/eval; local or "
+                        "gs://).")
     flags.DEFINE_integer("n_test", d.n_test, "Held-out trials to describe.")
     flags.DEFINE_integer("max_new_tokens", d.max_new_tokens, "Token budget of a description.")
     flags.DEFINE_integer("batch_size", d.batch_size, "Decoding batch size.")
@@ -40,9 +42,11 @@ def define_flags() -> None:
     flags.DEFINE_integer("seed", d.seed, "Seed of the trial and vector samples.")
 
 
-def run_evaluation(workdir: str | os.PathLike, sizes: EvalSizes = EvalSizes(), step: int | None = None) -> str:
-    """Evaluates the run in `workdir` (latest checkpoint unless `step`) and returns the report's markdown."""
-    return evaluate_run(workdir, sizes, step=step)
+def run_evaluation(workdir: str | os.PathLike, sizes: EvalSizes = EvalSizes(), step: int | None = None,
+                   out: str | os.PathLike | None = None) -> str:
+    """Evaluates the run in `workdir` (latest checkpoint unless `step`) into `out` (default `<workdir>/eval`) and
+    returns the report's markdown."""
+    return evaluate_run(workdir, sizes, step=step, out=out)
 
 
 def main(argv: list[str]) -> None:
@@ -55,7 +59,7 @@ def main(argv: list[str]) -> None:
         concept_max_new_tokens=f.concept_max_new_tokens, strengths=tuple(float(s) for s in f.strengths),
         n_novel=f.n_novel, repetition_penalty=f.repetition_penalty, no_repeat_ngram_size=f.no_repeat_ngram_size,
         rerank_candidates=f.rerank_candidates, split=f.split, seed=f.seed)
-    print(run_evaluation(f.workdir, sizes, f.step))
+    print(run_evaluation(f.workdir, sizes, f.step, f.out))
 
 
 if __name__ == "__main__":

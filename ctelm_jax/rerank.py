@@ -35,12 +35,14 @@ class RerankConfig:
     seed: int = 0
 
     def __post_init__(self):
+        # Each message starts with the field as `field=value: `, which `decode` turns into its flag's name.
         if self.candidates < 2:
-            raise ValueError(f"candidates={self.candidates}; re-ranking needs at least 2.")
+            raise ValueError(f"candidates={self.candidates}: re-ranking needs at least 2, e.g. 4.")
         if self.temperature <= 0:
-            raise ValueError(f"temperature={self.temperature}; sampled candidates need a positive one (e.g. 0.7).")
+            raise ValueError(f"temperature={self.temperature}: sampled candidates need a positive temperature, "
+                             "e.g. 0.7.")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p={self.top_p}; it must lie in (0, 1] (1: off).")
+            raise ValueError(f"top_p={self.top_p}: it must lie in (0, 1] (1: off), e.g. 0.95.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -168,13 +168,22 @@ def fake_encode(texts):
     return np.asarray(out, np.float32)
 
 
-def test_evaluate_run_end_to_end(tiny_run):
+def test_evaluate_run_end_to_end(tiny_run, tmp_path):
     sizes = EvalSizes(n_test=4, max_new_tokens=12, batch_size=4, n_attribute=2, attribute_max_new_tokens=6,
                       n_concept=2, concept_max_new_tokens=8, strengths=(-1.0, 1.0), n_novel=2, rerank_candidates=3)
-    markdown = evaluate_run(tiny_run, sizes, encode=fake_encode)
-    out = tiny_run / "eval"
+    encoded: list[str] = []
+
+    def encode(texts):
+        encoded.extend(texts)
+        return fake_encode(texts)
+
+    out = tmp_path / "elsewhere"  # not <workdir>/eval
+    markdown = evaluate_run(tiny_run, sizes, encode=encode, out=out)
     for name in ("report.md", "metrics.json", "samples.jsonl", "cosine_hist.png", "concept_curves.png"):
         assert (out / name).is_file(), name
+    # Each text embedded once: 3 candidates x 4 trials (re-ranking, greedy included), 4 each for the untrained
+    # adapter, neighbour and random text, 2 + 2 novel vectors; the greedy and kept texts reuse re-ranking's cosines.
+    assert len(encoded) == 3 * 4 + 3 * 4 + 4
     assert (tiny_run / "concepts.npz").is_file() and (tiny_run / "concepts.json").is_file()
     results = json.loads((out / "metrics.json").read_text())
     assert results["step"] == 3

@@ -10,6 +10,7 @@ from ctelm_jax import concepts
 from ctelm_jax.data import corpus, pipeline, render, tasks
 from ctelm_jax.errors import UserError
 from ctelm_jax.train import inputs
+from ctelm_jax.train.curriculum import Curriculum
 from ctelm_jax.train.validate import check_config
 
 ADULT = render.TrialFields("NCT1", "phase 2", "completed", ("asthma",), ("x",), 18.0, 65.0, "all",
@@ -99,8 +100,7 @@ def test_the_input_vector_is_the_embedding_moved_by_strength_times_the_concept_v
               "task_ids": np.zeros((1, 8), np.int32), "pool_mask": np.zeros((1, 8), np.float32),
               "embedding_indices": np.array([[3, 1, 4, 0]]), "embedding_indices_segment_ids": np.array([[1, 1, 2, 0]]),
               "embedding_concepts": np.array([[2, 0, 3, 0]]), "embedding_strengths": np.float32([[-0.7, 0, 0.4, 0]]),
-              "embedding_noise": np.zeros((1, 4, D), np.float32), "target_indices": np.zeros((1, 4), np.int32),
-              "target_indices_segment_ids": np.zeros((1, 4), np.int32)}
+              "target_indices": np.zeros((1, 4), np.int32), "target_indices_segment_ids": np.zeros((1, 4), np.int32)}
     out = pipeline._Finalize(table, 0, vectors).map(packed)["embeddings"][0]
     assert np.array_equal(out[0], concepts.apply(table[3], vectors[1], np.float32(-0.7)))
     by_hand = table[3] + np.float32(-0.7) * vectors[1]  # e + a v, on the unit sphere like every encoder embedding
@@ -108,6 +108,8 @@ def test_the_input_vector_is_the_embedding_moved_by_strength_times_the_concept_v
     assert np.array_equal(out[1], table[1])  # an embedding without a move is the table's row, bit for bit
     assert np.array_equal(out[2], concepts.apply(table[4], vectors[2], np.float32(0.4)))
     assert not out[3].any()
+    packed["embedding_noise"] = np.zeros((1, 4, D), np.float32)  # only a noisy pipeline packs this key
+    assert np.array_equal(pipeline._Finalize(table, 0, vectors).map(packed)["embeddings"][0], out)
     packed["embedding_noise"][0, 1] = 0.1
     noisy = pipeline._Finalize(table, 0, vectors).map(packed)["embeddings"][0]
     assert np.array_equal(noisy[1], concepts.apply(table[1] + np.float32(0.1), np.zeros(D, np.float32), 0.0))
@@ -142,7 +144,7 @@ def test_embedding_noise_has_the_asked_spread_and_is_reproducible(records, token
     assert abs(noise.std() / std - 1) < 3 / np.sqrt(2 * dim)
     assert np.array_equal(noise, make.random_map(7, np.random.default_rng(3))["embedding_noise"])
     off = pipeline._MakeExample(records, tokenizer, {"describe": 1.0}, SEQ, dim)
-    assert not off.random_map(7, np.random.default_rng(3))["embedding_noise"].any()
+    assert "embedding_noise" not in off.random_map(7, np.random.default_rng(3))
     table = np.random.default_rng(0).normal(size=(len(records), D)).astype(np.float32)
     table /= np.linalg.norm(table, axis=1, keepdims=True)
     kw = dict(process_index=0, process_count=1, embedding_dim=D, noise_std=0.1)
@@ -166,18 +168,22 @@ def test_a_run_computes_the_concept_vectors_once_and_saves_them(records, tmp_pat
     config = get_config()
     embeddings = np.random.default_rng(0).normal(size=(len(records), D)).astype(np.float32)
     train = inputs.Split(records, embeddings)
-    assert inputs.offset_vectors(config, tmp_path, train) is None  # no stage trains the offset task
+
+    def stages() -> Curriculum:
+        return Curriculum(config.stages, list(config.data.tasks))
+
+    assert inputs.offset_vectors(stages(), tmp_path, train) is None  # no stage trains the offset task
     assert not (tmp_path / concepts.NPZ).exists()
     config.stages[-1]["tasks"] = {"describe": 1.0, "offset": 1.0}
-    vectors = inputs.offset_vectors(config, tmp_path, train)
+    vectors = inputs.offset_vectors(stages(), tmp_path, train)
     expected = concepts.builtin(records, embeddings)
     assert np.array_equal(vectors, np.stack([expected[n].vector for n in tasks.OFFSET_CONCEPTS]))
     assert set(concepts.load(tmp_path)) == set(tasks.OFFSET_CONCEPTS)
     # A resumed run moves along the saved vectors, whatever the split gives now.
-    assert np.array_equal(inputs.offset_vectors(config, tmp_path, inputs.Split(records, embeddings * 2)), vectors)
+    assert np.array_equal(inputs.offset_vectors(stages(), tmp_path, inputs.Split(records, embeddings * 2)), vectors)
     # Too few records for a concept's group: refused with the fix, nothing saved.
     with pytest.raises(UserError, match=r"concept 'age': 0 records with and 0 without .*--config.data.max_records"):
-        inputs.offset_vectors(config, tmp_path / "small", inputs.Split(records[:20], embeddings[:20]))
+        inputs.offset_vectors(stages(), tmp_path / "small", inputs.Split(records[:20], embeddings[:20]))
     assert not (tmp_path / "small").exists()
 
 

@@ -71,15 +71,15 @@ class _MakeExample(grain.transforms.RandomMap):
             logging.log_every_n_seconds(logging.WARNING, "pipeline: %s", 600, dict(self.stats))
         if example is None:
             return None
-        slots = len(example["embedding_indices"])
-        noise = np.zeros((slots, self.dim), np.float32)
-        if self.noise_std > 0:
-            noise[:] = self.noise_std * rng.standard_normal((slots, self.dim))
-        return {"tokens": example["tokens"], "loss_mask": example["loss_mask"],
-                "task_ids": np.full(len(example["tokens"]), task_id, np.int32),
-                "embedding_indices": example["embedding_indices"], "pool_mask": example["pool_mask"],
-                "target_indices": example["target_indices"], "embedding_concepts": example["embedding_concepts"],
-                "embedding_strengths": example["embedding_strengths"], "embedding_noise": noise}
+        out = {"tokens": example["tokens"], "loss_mask": example["loss_mask"],
+               "task_ids": np.full(len(example["tokens"]), task_id, np.int32),
+               "embedding_indices": example["embedding_indices"], "pool_mask": example["pool_mask"],
+               "target_indices": example["target_indices"], "embedding_concepts": example["embedding_concepts"],
+               "embedding_strengths": example["embedding_strengths"]}
+        if self.noise_std > 0:  # no key without noise (`make_dataset` packs it only then)
+            slots = len(example["embedding_indices"])
+            out["embedding_noise"] = (self.noise_std * rng.standard_normal((slots, self.dim))).astype(np.float32)
+        return out
 
 
 class _Finalize(grain.transforms.Map):
@@ -99,11 +99,13 @@ class _Finalize(grain.transforms.Map):
         used = packed["embedding_indices_segment_ids"] > 0
         embeddings = self.embeddings[packed["embedding_indices"]] * used[..., None]
         concept, strength = packed["embedding_concepts"], packed["embedding_strengths"]
-        noise = packed["embedding_noise"]
-        for b, s in zip(*np.nonzero(used & ((concept > 0) | (noise != 0).any(-1)))):
+        noise = packed.get("embedding_noise")  # absent when the pipeline adds no noise
+        moved = concept > 0 if noise is None else (concept > 0) | (noise != 0).any(-1)
+        for b, s in zip(*np.nonzero(used & moved)):
             c = int(concept[b, s])
-            vector, a = (self.concept_vectors[c - 1], float(strength[b, s])) if c else (np.zeros_like(noise[b, s]), 0.0)
-            embeddings[b, s] = concepts.apply(embeddings[b, s] + noise[b, s], vector, a)
+            e = embeddings[b, s] if noise is None else embeddings[b, s] + noise[b, s]
+            vector, a = (self.concept_vectors[c - 1], float(strength[b, s])) if c else (np.zeros_like(e), 0.0)
+            embeddings[b, s] = concepts.apply(e, vector, a)
         # Each pooled token points (1-based) at the target slot of its own example (same segment id).
         target_segments = packed["target_indices_segment_ids"]
         match = ((segment_ids[:, :, None] == target_segments[:, None, :]) & (target_segments[:, None, :] > 0)
@@ -168,12 +170,13 @@ def make_dataset(records: Sequence[Mapping], embeddings: np.ndarray, tokenizer: 
                 .random_map(_MakeExample(records, tokenizer, tasks_weights, seq_len, table.shape[1], noise_std, stop),
                             seed=seed)
                 [process_index::process_count])
+    lengths = {"tokens": seq_len, "loss_mask": seq_len, "task_ids": seq_len, "pool_mask": seq_len,
+               **dict.fromkeys(("embedding_indices", "target_indices", "embedding_concepts", "embedding_strengths"),
+                               max_embeddings_per_row)}
+    if noise_std > 0:
+        lengths["embedding_noise"] = max_embeddings_per_row
     packed = grain.experimental.FirstFitPackIterDataset(
-        examples.to_iter_dataset(grain.ReadOptions(num_threads=read_threads)),
-        length_struct={"tokens": seq_len, "loss_mask": seq_len, "task_ids": seq_len, "pool_mask": seq_len,
-                       "embedding_indices": max_embeddings_per_row, "target_indices": max_embeddings_per_row,
-                       "embedding_concepts": max_embeddings_per_row, "embedding_strengths": max_embeddings_per_row,
-                       "embedding_noise": max_embeddings_per_row},
+        examples.to_iter_dataset(grain.ReadOptions(num_threads=read_threads)), length_struct=lengths,
         num_packing_bins=local_batch, shuffle_bins=False)
     return packed.batch(local_batch, drop_remainder=True).map(_Finalize(table, tokenizer.pad_id, concept_vectors))
 

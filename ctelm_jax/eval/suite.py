@@ -99,9 +99,10 @@ def _pick(n_total: int, n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def evaluate_run(workdir: str | os.PathLike, sizes: EvalSizes = EvalSizes(), encode: Encode | None = None,
-                 step: int | None = None) -> str:
-    """Evaluates the run in `workdir`; writes `<workdir>/eval/{report.md, metrics.json, samples.jsonl, *.png}` and
-    returns the report's markdown. `encode` replaces the run's encoder (tests)."""
+                 step: int | None = None, out: str | os.PathLike | None = None) -> str:
+    """Evaluates the run in `workdir`; writes `{report.md, metrics.json, samples.jsonl, *.png}` to `out` (default
+    `<workdir>/eval`, where the explorer looks) and returns the report's markdown. `encode` replaces the run's encoder
+    (tests)."""
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -113,7 +114,7 @@ def evaluate_run(workdir: str | os.PathLike, sizes: EvalSizes = EvalSizes(), enc
         logging.info("eval: %s took %.1fs", name, timings[name])
 
     workdir = fs.as_path(workdir)
-    out_dir = workdir / "eval"
+    out_dir = workdir / "eval" if out is None else fs.as_path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     mesh = run_mesh(load_run_config(workdir))
     model, tokenizer, config, trained_step = load_trained(workdir, step, mesh)
@@ -146,6 +147,7 @@ def evaluate_run(workdir: str | os.PathLike, sizes: EvalSizes = EvalSizes(), enc
     lap("describe (ELM)")
     decode_s = {"ELM": timings["describe (ELM)"], "untrained adapter": timings["describe (untrained adapter)"]}
     rerank_info = None
+    known_cosines: dict[str, np.ndarray] = {}  # re-ranking already re-embedded its candidates: not encoded again
     if sizes.rerank_candidates > 1 and encode is not None:
         options = RerankConfig(candidates=sizes.rerank_candidates, seed=sizes.seed)
         reranked = rerank(model, tokenizer, [describe] * len(rows), singles, cfg, encode, options,
@@ -154,6 +156,7 @@ def evaluate_run(workdir: str | os.PathLike, sizes: EvalSizes = EvalSizes(), enc
         texts[rerank_name] = reranked.texts
         lap("describe (ELM, re-ranked)")
         decode_s[rerank_name] = decode_s["ELM"] + timings["describe (ELM, re-ranked)"]  # greedy is its candidate 0
+        known_cosines = {"ELM": reranked.cosines[:, 0], rerank_name: reranked.chosen_cosines}
         rerank_info = {"system": rerank_name, **dataclasses.asdict(options), "chosen": reranked.chosen.tolist(),
                        "greedy_kept": int((reranked.chosen == 0).sum())}
     texts["untrained adapter"] = untrained
@@ -169,7 +172,8 @@ def evaluate_run(workdir: str | os.PathLike, sizes: EvalSizes = EvalSizes(), enc
                                "well_formed": float(np.mean([probes.well_formed(t) for t in system_texts])),
                                "facts": facts.fact_table(system_texts, truths)}
         if encode is not None:
-            cos = metrics.cosine_rows(encode(system_texts), vectors)
+            cos = known_cosines.get(name)
+            cos = metrics.cosine_rows(encode(system_texts), vectors) if cos is None else cos
             row["cosine"], row["cosines"] = metrics.summary(cos), [round(float(c), 4) for c in cos]
         if name in decode_s:
             row["seconds_per_text"] = round(decode_s[name] / len(rows), 3)

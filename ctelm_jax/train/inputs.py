@@ -18,7 +18,7 @@ from ctelm_jax.data.embeddings import embed_corpus, embedding_paths, load_embedd
 from ctelm_jax.data.render import render_text
 from ctelm_jax.errors import UserError
 from ctelm_jax.models.adapter import standardisation
-from ctelm_jax.train.curriculum import Stage
+from ctelm_jax.train.curriculum import Curriculum, Stage
 from ctelm_jax.weights.tokenizer import Tokenizer
 
 SPLITS = ("train", "validation", "test")
@@ -75,11 +75,11 @@ def load_splits(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     return out
 
 
-def offset_vectors(config: ml_collections.ConfigDict, workdir: str | os.PathLike, train: Split) -> np.ndarray | None:
+def offset_vectors(curriculum: Curriculum, workdir: str | os.PathLike, train: Split) -> np.ndarray | None:
     """The `offset` task's concept vectors (rows in `tasks.OFFSET_CONCEPTS` order), or None when no stage trains it:
     those saved with the run (`<workdir>/concepts.npz`), else the built-in concepts of the training split, computed
     and saved (process 0) at the start of the run, so the evaluation moves along the vectors the run learnt."""
-    if not any(float(dict(s.get("tasks", {})).get("offset", 0.0)) > 0 for s in config.stages):
+    if not any("offset" in s.task_weights for s in curriculum.stages):  # the curriculum keeps weights > 0 only
         return None
     workdir = fs.as_path(workdir)
     if (workdir / concepts.NPZ).is_file() and (workdir / concepts.JSON).is_file():

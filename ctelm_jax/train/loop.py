@@ -127,7 +127,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption: P
             tasks = list(config.data.tasks)
             tokenizer = load_tokenizer(config.model)
             data = inputs.load_splits(config, workdir, tokenizer)
-            concept_vectors = inputs.offset_vectors(config, workdir, data["train"])
+            concept_vectors = inputs.offset_vectors(curriculum, workdir, data["train"])
             # A resumed run restores the adapter statistics it started with over these.
             model = build_elm(config.model, tokenizer, constrain=constrainer(mesh, rules),
                               train_embeddings=data["train"].embeddings, mesh=mesh, rules=rules)
