@@ -41,6 +41,10 @@ def _no_offset(c: ml_collections.ConfigDict) -> None:
     _without_tasks(c, "offset")
 
 
+def _no_concept_words(c: ml_collections.ConfigDict) -> None:
+    _without_tasks(c, "concept")
+
+
 def _no_noise(c: ml_collections.ConfigDict) -> None:
     c.data.embedding_noise = 0.0
 
@@ -63,6 +67,7 @@ def _k4(c: ml_collections.ConfigDict) -> None:
 VARIANTS: dict[str, tuple[str, Callable[[ml_collections.ConfigDict], None]]] = {
     "full": ("full recipe (configs/default.py)", lambda c: None),
     "no_offset": ("without concept-offset training", _no_offset),
+    "no_concept_words": ("without the word-concept task", _no_concept_words),
     "no_noise": ("without smoothness (embedding noise 0)", _no_noise),
     "no_embed": ("without embedding prediction", _no_embed),
     "describe_only": ("describe only", _describe_only),
