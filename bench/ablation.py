@@ -81,6 +81,14 @@ _REUSE = flags.DEFINE_string("reuse", "", "A finished run of this variant's conf
 _TABLE = flags.DEFINE_bool("table", False, "Print the table of the evaluated variants and exit.")
 
 
+def _net_push(curves: dict) -> float:
+    """Share of trials moved with the push minus against it, averaged over every concept and strength != 0: about 0
+    when the decoded age / sex changes with the move no more often than against it."""
+    cells = [(r["toward"] - r["away"]) * (1 if r["strength"] > 0 else -1)
+             for curve in curves.values() for r in curve["curve"] if r["strength"] != 0]
+    return sum(cells) / len(cells)
+
+
 def _row(name: str, m: dict) -> str:
     """One markdown row of a variant's validation metrics."""
     elm = m["describe"]["ELM"]
@@ -92,6 +100,7 @@ def _row(name: str, m: dict) -> str:
             continue
         by_s = {r["strength"]: r["share"] for r in curve["responsive"]}
         cells.append(f"{by_s.get(-1.0, math.nan):.2f} / {by_s.get(1.0, math.nan):.2f} ({curve['shape']})")
+    cells.append(f"{_net_push(m['concepts']['curves']):+.3f}")
     novel = m["novel"]
     cells.append(f"{sum(v['well_formed'] * v['n'] for v in novel.values()) / sum(v['n'] for v in novel.values()):.2f}")
     pred = m.get("embed_prediction")
@@ -101,8 +110,8 @@ def _row(name: str, m: dict) -> str:
 
 def table(root: Path) -> str:
     """Markdown table of every variant evaluated under `root`."""
-    head = ("| variant | re-embed cos | key facts | age -1 / +1 | sex -1 / +1 | pediatric -1 / +1 | novel well-formed "
-            "| cos(predicted, encoder) |\n|---|---|---|---|---|---|---|---|")
+    head = ("| variant | re-embed cos | key facts | age -1 / +1 | sex -1 / +1 | pediatric -1 / +1 | with - against push "
+            "| novel well-formed | cos(predicted, encoder) |\n|---|---|---|---|---|---|---|---|---|")
     rows = [_row(name, json.loads((root / name / "eval" / "metrics.json").read_text()))
             for name in VARIANTS if (root / name / "eval" / "metrics.json").is_file()]
     return "\n".join([head, *rows])
