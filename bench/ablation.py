@@ -111,7 +111,7 @@ def _row(name: str, m: dict) -> str:
 def table(root: Path) -> str:
     """Markdown table of every variant evaluated under `root`."""
     head = ("| variant | re-embed cos | key facts | age -1 / +1 | sex -1 / +1 | pediatric -1 / +1 "
-            "| with - against push | novel well-formed | cos(predicted, encoder) |\n|---|---|---|---|---|---|---|---|---|")
+            "| with - against push | novel well-formed | cos(predicted, encoder) |\n" + "|---" * 9 + "|")
     rows = [_row(name, json.loads((root / name / "eval" / "metrics.json").read_text()))
             for name in VARIANTS if (root / name / "eval" / "metrics.json").is_file()]
     return "\n".join([head, *rows])
