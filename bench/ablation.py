@@ -27,8 +27,7 @@ from absl import app, flags
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from configs.default import get_config  # noqa: E402
-from ctelm_jax.evaluate import run_evaluation  # noqa: E402
-from ctelm_jax.eval.suite import EvalSizes  # noqa: E402
+from ctelm_jax.eval.suite import EvalSizes, evaluate_run  # noqa: E402
 from ctelm_jax.train.loop import train  # noqa: E402
 
 
@@ -136,7 +135,7 @@ def main(argv: list[str]) -> None:
         if summary["status"] != "finished":
             raise SystemExit(f"training {summary['status']} at step {summary.get('step')}; rerun to resume.")
     trained_s = time.time() - start
-    run_evaluation(workdir, EvalSizes(split="validation", rerank_candidates=0), out=root / _VARIANT.value / "eval")
+    evaluate_run(workdir, EvalSizes(split="validation", rerank_candidates=0), out=root / _VARIANT.value / "eval")
     evaluated_s = time.time() - start - trained_s
     print(f"{_VARIANT.value}: trained in {trained_s / 60:.1f} min, evaluated in {evaluated_s / 60:.1f} min")
     print(table(root))

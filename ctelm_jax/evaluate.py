@@ -5,8 +5,6 @@
 
 from __future__ import annotations
 
-import os
-
 from absl import app, flags
 
 from ctelm_jax.errors import entry_point
@@ -14,7 +12,7 @@ from ctelm_jax.eval.suite import EvalSizes, evaluate_run
 
 
 def define_flags() -> None:
-    """Defines the CLI's flags (only when run as a program: importing `run_evaluation` defines none)."""
+    """Defines the CLI's flags (only when run as a program: importing this module defines none)."""
     d = EvalSizes()
     flags.DEFINE_string("workdir", None, "Run directory (config.json + checkpoints/; local or gs://).",
                         required=True)
@@ -42,13 +40,6 @@ def define_flags() -> None:
     flags.DEFINE_integer("seed", d.seed, "Seed of the trial and vector samples.")
 
 
-def run_evaluation(workdir: str | os.PathLike, sizes: EvalSizes = EvalSizes(), step: int | None = None,
-                   out: str | os.PathLike | None = None) -> str:
-    """Evaluates the run in `workdir` (latest checkpoint unless `step`) into `out` (default `<workdir>/eval`) and
-    returns the report's markdown."""
-    return evaluate_run(workdir, sizes, step=step, out=out)
-
-
 def main(argv: list[str]) -> None:
     """Runs the evaluation with the flags' sizes and prints the report."""
     del argv
@@ -59,7 +50,7 @@ def main(argv: list[str]) -> None:
         concept_max_new_tokens=f.concept_max_new_tokens, strengths=tuple(float(s) for s in f.strengths),
         n_novel=f.n_novel, repetition_penalty=f.repetition_penalty, no_repeat_ngram_size=f.no_repeat_ngram_size,
         rerank_candidates=f.rerank_candidates, split=f.split, seed=f.seed)
-    print(run_evaluation(f.workdir, sizes, f.step, f.out))
+    print(evaluate_run(f.workdir, sizes, step=f.step, out=f.out))
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ def main(argv: list[str]) -> None:
     logging.info("training %s at step %s", summary["status"], summary.get("step"))
     if summary["status"] != "finished":
         return
-    from ctelm_jax.evaluate import run_evaluation
-    print(run_evaluation(_WORKDIR.value))
+    from ctelm_jax.eval.suite import evaluate_run
+    print(evaluate_run(_WORKDIR.value))
     from ctelm_jax.explore.run import explore_run
     print(explore_run(_WORKDIR.value))
 
