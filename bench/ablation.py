@@ -41,6 +41,14 @@ def _as_ablated(c: ml_collections.ConfigDict) -> None:
         stage["tasks"] = {**stage["tasks"], "concept": weight}
 
 
+def _ablated(change: Callable[[ml_collections.ConfigDict], None]) -> Callable[[ml_collections.ConfigDict], None]:
+    """`change` applied to the recipe the rows ablate."""
+    def apply(c: ml_collections.ConfigDict) -> None:
+        _as_ablated(c)
+        change(c)
+    return apply
+
+
 def _without_tasks(c: ml_collections.ConfigDict, *names: str) -> None:
     for stage in c.stages:
         stage["tasks"] = {k: v for k, v in stage["tasks"].items() if k not in names}
@@ -74,13 +82,13 @@ def _k4(c: ml_collections.ConfigDict) -> None:
 
 
 VARIANTS: dict[str, tuple[str, Callable[[ml_collections.ConfigDict], None]]] = {
-    "full": ("full recipe, k = 1", lambda c: None),
-    "no_offset": ("without concept-offset training", _no_offset),
-    "no_concept_words": ("without the word-concept task", _no_concept_words),
-    "no_noise": ("without smoothness (embedding noise 0)", _no_noise),
-    "no_embed": ("without embedding prediction", _no_embed),
-    "describe_only": ("describe only", _describe_only),
-    "k4": ("k = 4 soft tokens per embedding", _k4),
+    "full": ("full recipe, k = 1", _as_ablated),
+    "no_offset": ("without concept-offset training", _ablated(_no_offset)),
+    "no_concept_words": ("without the word-concept task", _ablated(_no_concept_words)),
+    "no_noise": ("without smoothness (embedding noise 0)", _ablated(_no_noise)),
+    "no_embed": ("without embedding prediction", _ablated(_no_embed)),
+    "describe_only": ("describe only", _ablated(_describe_only)),
+    "k4": ("k = 4 soft tokens per embedding", _ablated(_k4)),
     "default": ("configs/default.py: k = 4, without the word-concept task", lambda c: None),
 }
 
@@ -140,8 +148,6 @@ def main(argv: list[str]) -> None:
     start = time.time()
     if not _REUSE.value:
         config = get_config()
-        if _VARIANT.value != "default":
-            _as_ablated(config)
         VARIANTS[_VARIANT.value][1](config)
         config.data.embeddings = str(Path(_EMBEDDINGS.value) / "embeddings" / "corpus")  # read, not recomputed
         summary = train(config, workdir)
