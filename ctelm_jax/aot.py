@@ -217,6 +217,9 @@ def main(argv: list[str]) -> None:
     """Compiles the config's programs for --topology and prints the table (and --find_batch's answer)."""
     del argv
     jax.config.update("jax_platforms", "cpu")  # compile only: never claim this machine's accelerators
+    # A compile-only device's executable cannot be loaded back (no TPU client): keep them out of a persistent cache
+    # the user set (JAX_COMPILATION_CACHE_DIR), where a second run would find them and warn.
+    jax.config.update("jax_enable_compilation_cache", False)
     config = _CONFIG.value
     try:
         devices = topology_devices(_TOPOLOGY.value)

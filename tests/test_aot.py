@@ -47,11 +47,13 @@ def test_train_steps_compile_with_memory_and_the_analytic_flops(devices):
 
 
 def test_train_step_compiles_with_the_splash_kernel(devices):
-    """With model.attention='splash' the tiny config's train step (seq 64, padded to the kernel's 128) compiles for
-    the v5p with splash attention's Pallas kernels as TPU custom calls: the forward (saving its residuals for the
-    backward) and both backward kernels (dq, dk / dv), with segment ids."""
+    """On TPU the default attention ('auto') is splash: the tiny config's train step at seq 320 (padded to 384, three
+    tiles of 128, so the kernel's cross-tile softmax and causal block skipping are compiled) compiles for the v5p with
+    splash attention's Pallas kernels as TPU custom calls: the forward (saving its residuals for the backward) and
+    both backward kernels (dq, dk / dv), with segment ids."""
     config = tiny.get_config()
-    config.model.attention = "splash"
+    config.data.seq_len = 320
+    assert config.model.attention == "auto"
     text = sizing.lower_train_step(config, 0, make_mesh(dict(config.mesh), devices)).compile().as_text()
     assert 'custom_call_target="tpu_custom_call"' in text
     for kernel in ("splash_mha_fwd_segmented_residuals", "splash_mha_dq_segmented", "splash_mha_dkv_segmented"):
@@ -63,12 +65,16 @@ def test_unknown_topology_names_the_fix():
         aot.topology_devices("v5p:3x3x3x3")
 
 
-def test_cli_prints_the_table():
+def test_cli_prints_the_table(tmp_path):
+    """The CLI's table has every program; it writes nothing to the user's persistent compilation cache, whose
+    entries for compile-only devices could not be loaded back."""
+    cache = tmp_path / "jax_cache"
     out = subprocess.run(
         [sys.executable, "-m", "ctelm_jax.aot", "--config=configs/tiny.py", f"--topology={TOPOLOGY}",
          "--config.data.global_batch_size=4"], cwd=REPO, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache)})
     assert out.returncode == 0, out.stderr[-3000:]
+    assert not (cache.exists() and any(cache.iterdir())), sorted(p.name for p in cache.iterdir())
     assert "4 x TPU v5, 95 GiB HBM per device" in out.stdout
     for row in ("train align (adapter)", "train multitask (adapter+lora)", "decode 4 x 128+128"):
         assert row in out.stdout, out.stdout
