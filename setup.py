@@ -35,7 +35,7 @@ setup(
         "sacrebleu",
     ],
     extras_require={
-        # selenium drives the Debian chromium + chromium-driver that `make setup` installs (it downloads nothing).
+        # selenium drives the Debian chromium + chromium-driver that `make test` installs (it downloads nothing).
         # gcp-storage-emulator serves gs:// on 127.0.0.1 for tests/test_remote_workdir.py.
         "test": ["pytest", "pytest-xdist", "execnet", "selenium", "gcp-storage-emulator"],
         # PyTorch side of the parity checks and the reference loader; CPU wheel, pinned.

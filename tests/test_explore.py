@@ -1,5 +1,5 @@
 """The embedding-space explorer: its pieces on toy inputs, the nearest-trial search, and the page of a tiny run opened
-in headless Chromium (Debian `chromium` + `chromium-driver`, installed by `make setup`) and read through its DOM."""
+in headless Chromium (Debian `chromium` + `chromium-driver`, installed by `make test`) and read through its DOM."""
 
 import dataclasses
 import json
@@ -93,8 +93,8 @@ def browser():
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and driver):
         pytest.fail("Chromium and chromedriver are not installed; the explorer test opens its page in them. Run "
-                    "`make setup` (it runs `apt-get install -y chromium chromium-driver`) or install those Debian "
-                    "packages by hand.")
+                    "`make test` as root (its set-up runs `apt-get install -y chromium chromium-driver`) or install "
+                    "those Debian packages by hand.")
     try:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
