@@ -35,12 +35,16 @@ def require_folder(value: str, flag: str, marker: str, what: str) -> Path:
 
 def entry_point(main: Callable[[list[str]], None], prog: str,
                 also: Sequence[type[Exception]] = ()) -> Callable[[list[str]], None]:
-    """`main` for absl's `app.run`: a UserError (or one of `also`) ends the program with the one line
-    `<prog>: error: <message>` on stderr and exit code 2, Ctrl-C with exit code 130; CTELM_TRACEBACK=1 re-raises."""
+    """`main` for absl's `app.run`, with library INFO off the console (`console.quiet`): a UserError (or one of
+    `also`) ends the program with the one line `<prog>: error: <message>` on stderr and exit code 2, Ctrl-C with exit
+    code 130; CTELM_TRACEBACK=1 re-raises."""
     caught = (UserError, *also)
 
     @functools.wraps(main)
     def run(argv: list[str]) -> None:
+        from ctelm_jax import console
+
+        console.quiet()
         try:
             main(argv)
         except caught as e:

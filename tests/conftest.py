@@ -5,6 +5,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -25,6 +26,20 @@ from ctelm_jax.weights.tokenizer import Tokenizer  # noqa: E402
 def tokenizer() -> Tokenizer:
     """The embedded SmolLM2 tokenizer (with the placeholder token), read from its GGUF."""
     return Tokenizer.from_gguf(default_gguf_path())
+
+
+@pytest.fixture(scope="session")
+def main_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """A tiny run made by the README's main job (`python -m ctelm_jax.main` on configs/tiny.py, real corpus embeddings
+    from the embedded encoder), in a shell without JAX_PLATFORMS as a user's: its workdir and what it printed."""
+    workdir = tmp_path_factory.mktemp("main") / "run"
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    out = subprocess.run([sys.executable, "-m", "ctelm_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
+                          "--config.model.domain_dim=384", "--config.data.embeddings=",
+                          "--config.data.max_records=300"], cwd=Path(__file__).resolve().parents[1], env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, f"main exited {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
+    return workdir, out
 
 
 def pickle_trap(path: Path) -> Path:

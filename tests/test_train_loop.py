@@ -216,10 +216,10 @@ def test_sigterm_while_waiting_for_data_ends_the_program_within_seconds(tmp_path
     now ends within seconds and writes no checkpoint (no step finished)."""
     workdir = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "ctelm_jax.train", "--config=configs/tiny.py",
-                             f"--workdir={workdir}", "--config.data.seq_len=8"], cwd=REPO, stderr=subprocess.PIPE,
-                            text=True)
+                             f"--workdir={workdir}", "--config.data.seq_len=8"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     seen = []
-    for line in proc.stderr:
+    for line in proc.stdout:  # the phase lines
         seen.append(line)
         if "stage 1/2 'align'" in line:
             break

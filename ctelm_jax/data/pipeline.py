@@ -67,8 +67,9 @@ class _MakeExample(grain.transforms.RandomMap):
         task_id = int(rng.choice(len(self.names), p=self.probabilities))
         example = tasks.make_example(self.names[task_id], self.records, int(index), rng, self.tokenizer, self.seq_len,
                                      self.stats)
-        if self.stats:
-            logging.log_every_n_seconds(logging.WARNING, "pipeline: %s", 600, dict(self.stats))
+        if self.stats:  # a warning once examples are skipped; truncated targets are only logged
+            level = logging.WARNING if set(self.stats) - {"truncated"} else logging.INFO
+            logging.log_every_n_seconds(level, "pipeline: %s", 600, dict(self.stats))
         if example is None:
             return None
         out = {"tokens": example["tokens"], "loss_mask": example["loss_mask"],

@@ -25,10 +25,9 @@ import time
 from typing import Any
 
 import numpy as np
-from absl import logging
 
 from ctelm_jax import concepts as concepts_lib
-from ctelm_jax import fs
+from ctelm_jax import console, fs
 from ctelm_jax.data import render
 from ctelm_jax.data.tasks import attribute_answer
 from ctelm_jax.errors import UserError
@@ -111,7 +110,7 @@ def evaluate_run(workdir: str | os.PathLike, sizes: EvalSizes = EvalSizes(), enc
         now = time.perf_counter()
         timings[name] = round(now - clock, 2)
         clock = now
-        logging.info("eval: %s took %.1fs", name, timings[name])
+        console.say(f"evaluation: {name} took {timings[name]:.1f} s")
 
     workdir = fs.as_path(workdir)
     out_dir = workdir / "eval" if out is None else fs.as_path(out)

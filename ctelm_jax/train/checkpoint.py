@@ -201,6 +201,8 @@ def restore_params(directory: str | os.PathLike, template: dict, step: int | Non
     directory = fs.as_path(directory)
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     registry.add("state", ocp.args.PyTreeRestore)
+    for item in ("data", "progress", "meta"):  # known, so that orbax does not warn it cannot restore them
+        registry.add(item, ocp.args.JsonRestore)
     manager = ocp.CheckpointManager(directory, handler_registry=registry,
                                     options=ocp.CheckpointManagerOptions(read_only=True))
     steps = list(manager.all_steps())

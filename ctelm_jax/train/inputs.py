@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from ctelm_jax import concepts, fs
+from ctelm_jax import concepts, console, fs
 from ctelm_jax.data import pipeline, tasks
 from ctelm_jax.data.corpus import load_records, split_of
 from ctelm_jax.data.embeddings import embed_corpus, embedding_paths, load_embeddings, load_encoder
@@ -47,6 +47,7 @@ def corpus_embeddings(config: ml_collections.ConfigDict, workdir: str | os.PathL
             if encoder.dim != dim:
                 raise ValueError(f"encoder {encoder.name} gives {encoder.dim}-d embeddings but model.domain_dim={dim}; "
                                  f"set --config.model.domain_dim={encoder.dim}.")
+            console.say(f"embedding: {len(records)} trials with {encoder.name} into {source} (once per workdir)")
             embed_corpus(records, encoder, source, text_fn=render_text)
     ids, array, _ = load_embeddings(source, expected_dim=dim)
     row = {nctid: i for i, nctid in enumerate(ids)}

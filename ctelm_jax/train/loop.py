@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from ctelm_jax import fs
+from ctelm_jax import console, fs
 from ctelm_jax.models.build import build_elm, decoder_config, load_tokenizer, model_signature
 from ctelm_jax.parallel.distributed import maybe_initialize_distributed
 from ctelm_jax.parallel.mesh import make_mesh
@@ -105,7 +105,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     workdir.mkdir(parents=True, exist_ok=True)
     preemption = Preemption()
     try:
-        with workdir_lock.hold(workdir):
+        with console.log_file(workdir), workdir_lock.hold(workdir):
             summary = _train(config, workdir, preemption)
         if summary["status"] == "preempted":
             summary["signal"] = preemption.signum
@@ -127,6 +127,8 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption: P
             tasks = list(config.data.tasks)
             tokenizer = load_tokenizer(config.model)
             data = inputs.load_splits(config, workdir, tokenizer)
+            console.say(f"data: {', '.join(f'{len(s.records)} {n}' for n, s in data.items())} trials, "
+                        f"{data['train'].embeddings.shape[1]}-d embeddings; log: {workdir / console.LOG_FILE}")
             concept_vectors = inputs.offset_vectors(curriculum, workdir, data["train"])
             # A resumed run restores the adapter statistics it started with over these.
             model = build_elm(config.model, tokenizer, constrain=constrainer(mesh, rules),
@@ -169,8 +171,9 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption: P
             latest, resumed = ckpt.resume(read)
             if latest is not None:
                 step, stage_index, data_state, restored = resumed
-                logging.info("resuming from %s at step %d (stage %s)", ckpt.directory, step, stage_index)
+                console.say(f"resuming from step {step} of {ckpt.directory} (stage {stage_index + 1})")
             writer = EventWriter(workdir / "tb", resume_step=step)
+        estimate = console.Estimate(curriculum.bounds(len(curriculum.stages) - 1)[1] - step)
         for index in range(stage_index, len(curriculum.stages)):
             stage = curriculum.stages[index]
             start, end = curriculum.bounds(index)
@@ -194,8 +197,8 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption: P
                 if resuming and data_state is not None and step > start:
                     batches.set_state(data_state)
             flops_per_step = train_flops_per_token(dcfg, seq_len, "decoder" in stage.trainable) * global_batch * seq_len
-            logging.info("stage %d/%d %r: steps %d..%d, trainable=%s, tasks=%s", index + 1, len(curriculum.stages),
-                         stage.name, start, end, stage.trainable, stage.task_weights)
+            console.say(f"stage {index + 1}/{len(curriculum.stages)} {stage.name!r}: steps {start}..{end}, trains "
+                        f"{'+'.join(stage.trainable)} on {', '.join(stage.task_weights)}")
             bar = tqdm(total=end - start, initial=step - start, desc=stage.name, disable=jax.process_index() != 0,
                        dynamic_ncols=True)
             last_read = time.perf_counter()
@@ -221,6 +224,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption: P
                 bar.set_postfix(loss=f"{scalars['loss']:.3f}", tok_s=f"{scalars['tokens_per_s']:.0f}",
                                 mfu=f"{scalars['mfu']:.1%}")
                 bar.update(1)
+                estimate.step(dt)
                 summary["last"] = scalars
                 unlogged = scalars if at % config.log_every == 0 or at == end else None
                 return scalars
