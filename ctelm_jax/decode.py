@@ -39,7 +39,7 @@ from etils import epath
 from ctelm_jax import concepts as concepts_lib
 from ctelm_jax import fs
 from ctelm_jax.data import render
-from ctelm_jax.errors import MissingInput, UserError, entry_point
+from ctelm_jax.errors import MissingInput, UserError, entry_point, parse_floats
 from ctelm_jax.eval import prompts
 from ctelm_jax.generate import SamplingConfig
 from ctelm_jax.models.elm import ELM
@@ -265,6 +265,7 @@ def decode(f: flags.FlagValues) -> None:
     from ctelm_jax.trained import load_run_config, load_trained
 
     workdir = fs.as_path(f.workdir)
+    strengths = parse_floats("--strengths", f.strengths)
     options = rerank_config(f.mode, f.rerank, f.rerank_temperature, f.rerank_top_p, f.seed)
     # The encoder (to embed --texts, to re-rank), checked before the model is loaded.
     wants_encoder = f.mode != "embed" and (bool(f.texts) or options is not None)
@@ -285,7 +286,7 @@ def decode(f: flags.FlagValues) -> None:
     model = quantize_elm(model, f.quantize)
     labels, vectors = _input_vectors(f, workdir, config, tokenizer, encoder)
     jobs = make_jobs(f.mode, tokenizer, labels, vectors, question=f.question, steps=f.steps,
-                     strengths=[float(s) for s in f.strengths], concept=concept)
+                     strengths=strengths, concept=concept)
     config_s = prompts.sampling_config(tokenizer, f.max_new_tokens, f.batch_size, f.temperature, f.top_p,
                                        f.repetition_penalty, f.no_repeat_ngram_size)
     results = decode_jobs(model, tokenizer, jobs, config_s, f.seed, options, encoder[0])

@@ -33,6 +33,15 @@ def require_folder(value: str, flag: str, marker: str, what: str) -> Path:
     return folder
 
 
+def parse_floats(flag: str, values: Sequence[str]) -> list[float]:
+    """The numbers of a list flag (`--strengths=-1,0,1`); a UserError naming `flag` when one is not a number."""
+    try:
+        return [float(v) for v in values]
+    except ValueError:
+        raise UserError(f"{flag}={','.join(values)}: not a list of numbers; pass comma-separated numbers, "
+                        f"e.g. {flag}=-1,-0.5,0,0.5,1.") from None
+
+
 def entry_point(main: Callable[[list[str]], None], prog: str,
                 also: Sequence[type[Exception]] = ()) -> Callable[[list[str]], None]:
     """`main` for absl's `app.run`, with library INFO off the console (`console.quiet`): a UserError (or one of

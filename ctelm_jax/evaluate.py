@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from ctelm_jax.errors import entry_point
+from ctelm_jax.errors import entry_point, parse_floats
 from ctelm_jax.eval.suite import EvalSizes, evaluate_run
 
 
@@ -47,7 +47,7 @@ def main(argv: list[str]) -> None:
     sizes = EvalSizes(
         n_test=f.n_test, max_new_tokens=f.max_new_tokens, batch_size=f.batch_size, n_attribute=f.n_attribute,
         attribute_max_new_tokens=f.attribute_max_new_tokens, n_concept=f.n_concept,
-        concept_max_new_tokens=f.concept_max_new_tokens, strengths=tuple(float(s) for s in f.strengths),
+        concept_max_new_tokens=f.concept_max_new_tokens, strengths=tuple(parse_floats("--strengths", f.strengths)),
         n_novel=f.n_novel, repetition_penalty=f.repetition_penalty, no_repeat_ngram_size=f.no_repeat_ngram_size,
         rerank_candidates=f.rerank_candidates, split=f.split, seed=f.seed)
     print(evaluate_run(f.workdir, sizes, step=f.step, out=f.out))

@@ -105,3 +105,23 @@ def test_embed_with_a_bad_path_is_one_line(tmp_path, flag, message):
     assert message in out.stderr
     assert not list(tmp_path.glob("emb*"))
 
+
+def test_decode_strengths_that_are_not_numbers_are_one_line(tmp_path):
+    out = fails_with_one_line("ctelm_jax.decode", f"--workdir={tmp_path}", "--mode=concept", "--concept=age",
+                              "--nctids=NCT00000102", "--strengths=abc")
+    assert "--strengths=abc: not a list of numbers; pass comma-separated numbers, e.g. --strengths=" in out.stderr
+
+
+def test_workdir_of_another_config_is_one_line(tmp_path):
+    """A workdir whose checkpoints hold configs/tiny.py's model, trained on with another adapter width."""
+    from configs.tiny import get_config
+    from ctelm_jax.models.build import model_signature
+    from ctelm_jax.train.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(tmp_path / "checkpoints", async_save=False)
+    ckpt.save(2, {"step": np.int32(2)}, {}, {"stage": 0, "step": 2}, model_signature(get_config().model))
+    ckpt.close()
+    out = fails_with_one_line("ctelm_jax.train", "--config=configs/tiny.py", f"--workdir={tmp_path}",
+                              "--config.model.adapter_hidden=48")
+    assert (f"ctelm_jax.train: error: --workdir={tmp_path} holds checkpoints of a different model (adapter_hidden: "
+            "checkpoint 64 vs config 48); pass a new --workdir, or set the config back") in out.stderr

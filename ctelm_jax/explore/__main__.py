@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from ctelm_jax.errors import entry_point
+from ctelm_jax.errors import entry_point, parse_floats
 from ctelm_jax.explore.atlas import ExploreSizes
 from ctelm_jax.explore.run import explore_run, search_run
 
@@ -56,7 +56,7 @@ def main(argv: list[str]) -> None:
         print(search_run(f.workdir, f.search, f.neighbours))
         return
     sizes = ExploreSizes(clusters=f.clusters, pairs=f.n_pairs, path_steps=f.path_steps,
-                         concept_trials=f.concept_trials, strengths=tuple(float(s) for s in f.strengths),
+                         concept_trials=f.concept_trials, strengths=tuple(parse_floats("--strengths", f.strengths)),
                          neighbours=f.neighbours, max_new_tokens=f.max_new_tokens, batch_size=f.batch_size,
                          seed=f.seed)
     print(explore_run(f.workdir, sizes, parse_pairs(f.pairs), f.concept_nctids, f.concepts, f.step))

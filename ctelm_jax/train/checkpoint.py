@@ -34,7 +34,7 @@ DAMAGED_DIR = "damaged_checkpoints"  # beside the checkpoint folder: the damaged
 T = TypeVar("T")
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(UserError):
     """The run directory holds checkpoints of a different model than the one configured."""
 
 
@@ -51,7 +51,7 @@ def read_step(directory: Any, step: int, read: Callable[[int], T]) -> T:
     in a bare Exception; JSON, a missing file or key); a CheckpointMismatch or other UserError passes unchanged."""
     try:
         return read(step)
-    except (UserError, CheckpointMismatch):
+    except UserError:  # a CheckpointMismatch too
         raise
     except Exception as e:
         root = e
@@ -172,8 +172,8 @@ class Checkpointer:
         if diff:
             lines = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
             raise CheckpointMismatch(
-                f"{self.directory} holds checkpoints of a different model ({lines}); use a new --workdir, "
-                "or set the config back to the model that wrote them.")
+                f"--workdir={self.directory.parent} holds checkpoints of a different model ({lines}); pass a new "
+                "--workdir, or set the config back to the model that wrote them.")
 
     def wait(self) -> None:
         """Blocks until pending async saves are complete."""
