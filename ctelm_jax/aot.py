@@ -26,10 +26,10 @@ from absl import app, logging
 from ctelm_jax import sizing
 from ctelm_jax.errors import UserError, entry_point
 from ctelm_jax.generate import SamplingConfig, decode_batch
-from ctelm_jax.models.build import decoder_config
 from ctelm_jax.models.llama import LlamaConfig
 from ctelm_jax.parallel.mesh import make_mesh
 from ctelm_jax.parallel.rules import as_rules, batch_sharding
+from ctelm_jax.run.build import decoder_config
 from ctelm_jax.train.metrics import forward_flops_per_token, train_flops_per_token
 
 GiB = 2**30
