@@ -23,7 +23,7 @@ from flax import nnx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/ lives at the repo root
 from configs.default import get_config  # noqa: E402
 from ctelm_jax.generate import SamplingConfig, length_bucket, generate  # noqa: E402
-from ctelm_jax.models.build import build_elm, load_tokenizer  # noqa: E402
+from ctelm_jax.run.build import build_elm, load_tokenizer  # noqa: E402
 from ctelm_jax.train.optimizer import make_optimizer, param_labels  # noqa: E402
 from ctelm_jax.train.step import TrainState, make_train_step  # noqa: E402
 from train_step import make_batch  # noqa: E402

@@ -30,10 +30,10 @@ from transformers import LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/ lives at the repo root
 from configs.default import get_config  # noqa: E402
-from ctelm_jax.eval import prompts  # noqa: E402
+from ctelm_jax import prompts  # noqa: E402
 from ctelm_jax.generate import SamplingConfig, generate  # noqa: E402
-from ctelm_jax.models.build import build_elm, decoder_dir, load_tokenizer  # noqa: E402
 from ctelm_jax.models.quantize import quantize_elm  # noqa: E402
+from ctelm_jax.run.build import build_elm, decoder_dir, load_tokenizer  # noqa: E402
 
 _BATCHES = flags.DEFINE_list("batch_sizes", ["1", "16"], "Batch sizes to time.")
 _NEW = flags.DEFINE_integer("new_tokens", 128, "New tokens per sequence.")

@@ -22,11 +22,12 @@ from absl import app, flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ctelm_jax.eval import metrics, prompts  # noqa: E402
-from ctelm_jax.eval.suite import EvalSizes, _pick, run_encoder  # noqa: E402
+from ctelm_jax import prompts  # noqa: E402
+from ctelm_jax.eval.suite import EvalSizes, _pick  # noqa: E402
 from ctelm_jax.models.quantize import quantize_elm  # noqa: E402
-from ctelm_jax.trained import load_trained  # noqa: E402
-from ctelm_jax.train.inputs import load_splits  # noqa: E402
+from ctelm_jax.run.corpus import load_splits, run_encoder  # noqa: E402
+from ctelm_jax.run.trained import load_trained  # noqa: E402
+from ctelm_jax.vectors import cosine_rows  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "A trained run.")
 _N = flags.DEFINE_integer("n", 32, "Trials (the evaluation's n_test).")
@@ -48,7 +49,7 @@ def main(argv: Sequence[str]) -> None:
     del argv
     sizes = EvalSizes(n_test=_N.value, split=_SPLIT.value)
     model, tokenizer, config, step = load_trained(_WORKDIR.value)
-    held_out = load_splits(config, _WORKDIR.value, tokenizer)[sizes.split]
+    held_out = load_splits(config, _WORKDIR.value)[sizes.split]
     rows = _pick(len(held_out.records), sizes.n_test, np.random.default_rng(sizes.seed))
     vectors = held_out.embeddings[rows]
     cfg = prompts.sampling_config(tokenizer, sizes.max_new_tokens, sizes.batch_size,
@@ -64,7 +65,7 @@ def main(argv: Sequence[str]) -> None:
         start = time.perf_counter()
         texts[name] = prompts.decode_texts(m, tokenizer, [describe] * len(rows), [v[None] for v in vectors], cfg)
         seconds[name] = (time.perf_counter() - start) / len(rows)
-    cos = {name: metrics.cosine_rows(encode(t), vectors) for name, t in texts.items()}
+    cos = {name: cosine_rows(encode(t), vectors) for name, t in texts.items()}
     diff = np.abs(cos["int8"] - cos["float32"])
     same = sum(a == b for a, b in zip(texts["float32"], texts["int8"]))
     prefix = np.mean([_common_prefix(a, b) / max(len(a), 1) for a, b in zip(texts["float32"], texts["int8"])])

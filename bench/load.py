@@ -94,7 +94,7 @@ def load(path: str, folder: Path) -> dict[str, float]:
 
     from configs.base import base_config
     from ctelm_jax.models.adapter import Adapter
-    from ctelm_jax.models.build import build_elm, decoder_config, load_tokenizer
+    from ctelm_jax.run.build import build_elm, decoder_config, load_tokenizer
     from ctelm_jax.models.elm import ELM
     from ctelm_jax.models.llama import Llama
     from ctelm_jax.parallel.mesh import make_mesh

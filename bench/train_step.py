@@ -67,7 +67,7 @@ def jax_worker(setting: str, batch: dict, steps: int, model: str, dtype: str) ->
     import optax
     from flax import nnx
 
-    from ctelm_jax.models.build import build_elm, load_tokenizer
+    from ctelm_jax.run.build import build_elm, load_tokenizer
     from ctelm_jax.train.optimizer import make_optimizer, param_labels
     from ctelm_jax.train.step import TrainState, make_train_step
 
@@ -96,7 +96,7 @@ def torch_worker(setting: str, batch: dict, steps: int, model_name: str, placeho
     from transformers import LlamaConfig as HFLlamaConfig
     from transformers import LlamaForCausalLM
 
-    from ctelm_jax.models.build import decoder_config
+    from ctelm_jax.run.build import decoder_config
     from ctelm_jax.weights.default import default_decoder_dir
 
     torch.manual_seed(0)
@@ -165,7 +165,7 @@ def main() -> None:
     args = p.parse_args()
     if args.framework:
         return worker(args)
-    from ctelm_jax.models.build import decoder_config
+    from ctelm_jax.run.build import decoder_config
     from ctelm_jax.train.metrics import measure_matmul_flops, train_flops_per_token
     import jax.numpy as jnp
 

@@ -23,13 +23,13 @@ import jax.numpy as jnp
 import ml_collections
 from absl import app, logging
 
-from ctelm_jax import sizing
-from ctelm_jax.errors import UserError, entry_point
+from ctelm_jax import console, sizing
+from ctelm_jax.errors import UserError
 from ctelm_jax.generate import SamplingConfig, decode_batch
-from ctelm_jax.models.build import decoder_config
 from ctelm_jax.models.llama import LlamaConfig
 from ctelm_jax.parallel.mesh import make_mesh
 from ctelm_jax.parallel.rules import as_rules, batch_sharding
+from ctelm_jax.run.build import decoder_config
 from ctelm_jax.train.metrics import forward_flops_per_token, train_flops_per_token
 
 GiB = 2**30
@@ -246,4 +246,4 @@ if __name__ == "__main__":
     _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, e.g. v5p:2x2x1 (v5p-8), v5p:2x2x2, v5e:2x4.")
     _FIND_BATCH = flags.DEFINE_bool("find_batch", False, "Also search the largest global batch that fits (compiles).")
     flags.mark_flags_as_required(["config", "topology"])
-    app.run(entry_point(main, "ctelm_jax.aot", also=(ValueError,)))
+    app.run(console.entry_point(main, "ctelm_jax.aot", also=(ValueError,)))

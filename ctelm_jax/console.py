@@ -1,23 +1,27 @@
-"""What the programs show: phase lines and results on stdout, warnings on stderr, every INFO line in a log file.
+"""What the programs show: phase lines and results on stdout, warnings and one-line user errors on stderr, every INFO
+line in a log file.
 
-`errors.entry_point` keeps absl's stderr handler at WARNING (INFO with `--verbosity=1` or more); a training run (and
-`main`, for the evaluation and the explorer) adds `<workdir>/log.txt`, which gets every INFO line, ctelm_jax's and the
-libraries' (orbax, absl, grain, tensorstore), whatever the verbosity."""
+`entry_point`, every program's `main`, keeps absl's stderr handler at WARNING (INFO with `--verbosity=1` or more); a
+training run (and `main`, for the evaluation and the explorer) adds `<workdir>/log.txt`, which gets every INFO line,
+ctelm_jax's and the libraries' (orbax, absl, grain, tensorstore), whatever the verbosity."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging as std_logging
 import os
 import sys
-from typing import Iterator
+from typing import Callable, Iterator, Sequence
 
 from absl import flags, logging
 from tqdm import tqdm
 
 from ctelm_jax import fs
+from ctelm_jax.errors import UserError
 
 LOG_FILE = "log.txt"
+TRACEBACK_ENV = "CTELM_TRACEBACK"  # set to 1: entry points raise user errors with their full traceback
 
 
 class _OffConsole(std_logging.Filter):
@@ -96,3 +100,29 @@ class Estimate:
             per = sorted(self.times[1:])[self.measured // 2]
             say(f"estimate: {per:.2f} s a step, about {duration(per * self.left)} for the {self.left} steps left "
                 "(validation, saves and each stage's first step, which compiles, come on top)")
+
+
+def entry_point(main: Callable[[list[str]], None], prog: str,
+                also: Sequence[type[Exception]] = ()) -> Callable[[list[str]], None]:
+    """`main` for absl's `app.run`, with library INFO off the console (`quiet`): a UserError (or one of
+    `also`) ends the program with the one line `<prog>: error: <message>` on stderr and exit code 2, Ctrl-C with exit
+    code 130; CTELM_TRACEBACK=1 re-raises."""
+    caught = (UserError, *also)
+
+    @functools.wraps(main)
+    def run(argv: list[str]) -> None:
+        quiet()
+        try:
+            main(argv)
+        except caught as e:
+            if os.environ.get(TRACEBACK_ENV) == "1":
+                raise
+            print(f"{prog}: error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except KeyboardInterrupt:
+            if os.environ.get(TRACEBACK_ENV) == "1":
+                raise
+            print(f"{prog}: interrupted", file=sys.stderr)
+            raise SystemExit(130) from None
+
+    return run

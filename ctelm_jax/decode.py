@@ -36,15 +36,18 @@ import numpy as np
 from absl import app, flags, logging
 from etils import epath
 
-from ctelm_jax import concepts as concepts_lib
-from ctelm_jax import fs
+from ctelm_jax import concepts as concepts_lib, console
+from ctelm_jax import fs, prompts
 from ctelm_jax.data import render
-from ctelm_jax.errors import MissingInput, UserError, entry_point, parse_floats
-from ctelm_jax.eval import prompts
+from ctelm_jax.errors import MissingInput, UserError, parse_floats
 from ctelm_jax.generate import SamplingConfig
 from ctelm_jax.models.elm import ELM
 from ctelm_jax.models.quantize import QUANTIZE_MODES, quantize_elm
 from ctelm_jax.rerank import Encode, RerankConfig, rerank
+from ctelm_jax.run.config import load_run_config
+from ctelm_jax.run.corpus import load_splits, run_encoder
+from ctelm_jax.run.trained import load_trained
+from ctelm_jax.text_embedding import embed_texts
 from ctelm_jax.weights.tokenizer import Tokenizer
 
 MODES = ("describe", "compare", "ask", "interpolate", "concept", "embed")
@@ -245,9 +248,7 @@ def _input_vectors(f: flags.FlagValues, workdir: epath.Path, config: Any, tokeni
             raise ValueError(f"cannot embed --texts: {note}.")
         vectors = check_vectors(encode(f.texts), dim, "encoded --texts")
         return [t[:40] + ("..." if len(t) > 40 else "") for t in f.texts], vectors
-    from ctelm_jax.train.inputs import load_splits
-
-    splits = load_splits(config, workdir, tokenizer)
+    splits = load_splits(config, workdir)
     ids = [r["nctid"] for s in splits.values() for r in s.records]
     embeddings = np.concatenate([s.embeddings for s in splits.values()])
     return vectors_from_nctids(f.nctids, ids, embeddings, f"{workdir}'s corpus")
@@ -261,9 +262,6 @@ def main(argv: list[str]) -> None:
 
 def decode(f: flags.FlagValues) -> None:
     """Loads the run, builds the prompts of --mode, decodes, prints and writes the results."""
-    from ctelm_jax.eval.suite import run_encoder
-    from ctelm_jax.trained import load_run_config, load_trained
-
     workdir = fs.as_path(f.workdir)
     strengths = parse_floats("--strengths", f.strengths)
     options = rerank_config(f.mode, f.rerank, f.rerank_temperature, f.rerank_top_p, f.seed)
@@ -303,9 +301,6 @@ def decode(f: flags.FlagValues) -> None:
 
 def embed(f: flags.FlagValues, model: ELM, tokenizer: Tokenizer, config: Any) -> None:
     """--mode=embed: the ELM's embeddings of --texts, printed (with cos to the encoder's) and saved to --out."""
-    from ctelm_jax.eval.suite import run_encoder
-    from ctelm_jax.text_embedding import embed_texts
-
     if not f.texts:
         raise app.UsageError("--mode=embed embeds --texts (repeat the flag); --npy and --nctids are vectors already.")
     predicted = embed_texts(model, tokenizer, f.texts, f.batch_size)
@@ -324,4 +319,4 @@ def embed(f: flags.FlagValues, model: ELM, tokenizer: Tokenizer, config: Any) ->
 
 if __name__ == "__main__":
     define_flags()
-    app.run(entry_point(main, "ctelm_jax.decode", also=(ValueError, FileNotFoundError)))
+    app.run(console.entry_point(main, "ctelm_jax.decode", also=(ValueError, FileNotFoundError)))

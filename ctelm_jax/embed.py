@@ -15,10 +15,10 @@ from collections.abc import Sequence
 import jax
 from absl import app, flags, logging
 
+from ctelm_jax import console
 from ctelm_jax.data.corpus import load_records
 from ctelm_jax.data.embeddings import embed_corpus, load_encoder
 from ctelm_jax.data.render import render_text
-from ctelm_jax.errors import entry_point
 from ctelm_jax.parallel.distributed import maybe_initialize_distributed
 from ctelm_jax.weights.default import ENCODER_NAME
 
@@ -49,4 +49,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(entry_point(main, "ctelm_jax.embed"))
+    app.run(console.entry_point(main, "ctelm_jax.embed"))

@@ -1,15 +1,12 @@
-"""User errors: bad configs, flags and input files, reported by entry points as one line instead of a traceback."""
+"""User errors: bad configs, flags and input files, reported by entry points (`console.entry_point`) as one line
+instead of a traceback."""
 
 from __future__ import annotations
 
 import errno
-import functools
 import os
-import sys
 from pathlib import Path
-from typing import Callable, Sequence
-
-TRACEBACK_ENV = "CTELM_TRACEBACK"  # set to 1: entry points raise user errors with their full traceback
+from typing import Sequence
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
@@ -40,34 +37,6 @@ def parse_floats(flag: str, values: Sequence[str]) -> list[float]:
     except ValueError:
         raise UserError(f"{flag}={','.join(values)}: not a list of numbers; pass comma-separated numbers, "
                         f"e.g. {flag}=-1,-0.5,0,0.5,1.") from None
-
-
-def entry_point(main: Callable[[list[str]], None], prog: str,
-                also: Sequence[type[Exception]] = ()) -> Callable[[list[str]], None]:
-    """`main` for absl's `app.run`, with library INFO off the console (`console.quiet`): a UserError (or one of
-    `also`) ends the program with the one line `<prog>: error: <message>` on stderr and exit code 2, Ctrl-C with exit
-    code 130; CTELM_TRACEBACK=1 re-raises."""
-    caught = (UserError, *also)
-
-    @functools.wraps(main)
-    def run(argv: list[str]) -> None:
-        from ctelm_jax import console
-
-        console.quiet()
-        try:
-            main(argv)
-        except caught as e:
-            if os.environ.get(TRACEBACK_ENV) == "1":
-                raise
-            print(f"{prog}: error: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
-        except KeyboardInterrupt:
-            if os.environ.get(TRACEBACK_ENV) == "1":
-                raise
-            print(f"{prog}: interrupted", file=sys.stderr)
-            raise SystemExit(130) from None
-
-    return run
 
 
 def is_disk_full(error: BaseException) -> bool:

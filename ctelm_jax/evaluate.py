@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from ctelm_jax.errors import entry_point, parse_floats
+from ctelm_jax import console
+from ctelm_jax.errors import parse_floats
 from ctelm_jax.eval.suite import EvalSizes, evaluate_run
 
 
@@ -55,4 +56,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(entry_point(main, "ctelm_jax.evaluate"))
+    app.run(console.entry_point(main, "ctelm_jax.evaluate"))

@@ -16,8 +16,10 @@ from collections.abc import Sequence
 from absl import app, flags, logging
 from etils import epath
 
-from ctelm_jax.errors import UserError, entry_point
-from ctelm_jax.weights.elm_export import LORA_MODES, export_run
+from ctelm_jax import console
+from ctelm_jax.errors import UserError
+from ctelm_jax.run.export import export_run
+from ctelm_jax.weights.elm_export import LORA_MODES
 
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -60,4 +62,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
     define_flags(flags.FLAGS)
-    app.run(entry_point(main, "ctelm_jax.export"))
+    app.run(console.entry_point(main, "ctelm_jax.export"))

@@ -11,7 +11,6 @@ from etils import epath
 from ml_collections import config_flags
 
 from ctelm_jax import console, fs
-from ctelm_jax.errors import entry_point
 from ctelm_jax.train.loop import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Training config file (ml_collections).")
@@ -49,4 +48,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(entry_point(main, "ctelm_jax.main"))
+    app.run(console.entry_point(main, "ctelm_jax.main"))

@@ -15,9 +15,10 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from ctelm_jax.eval import metrics, prompts
+from ctelm_jax import prompts
 from ctelm_jax.generate import SamplingConfig
 from ctelm_jax.models.elm import ELM
+from ctelm_jax.vectors import cosine_rows
 from ctelm_jax.weights.tokenizer import Tokenizer
 
 Encode = Callable[[Sequence[str]], np.ndarray]  # texts -> (m, d) unit vectors of the frozen encoder
@@ -101,5 +102,5 @@ def rerank(model: ELM, tokenizer: Tokenizer, prompt_ids: Sequence[list[int]], em
                                    [v[None] for v in vectors for _ in range(k)], sampling, options.seed)
     candidates = [[first[i], *sampled[i * k:(i + 1) * k]] for i in range(len(vectors))]
     encoded = np.asarray(encode([t for c in candidates for t in c]))
-    cosines = metrics.cosine_rows(encoded, np.repeat(vectors, options.candidates, axis=0))
+    cosines = cosine_rows(encoded, np.repeat(vectors, options.candidates, axis=0))
     return Reranked(candidates, cosines.reshape(len(vectors), options.candidates))

@@ -35,14 +35,14 @@ from absl import app
 from flax import nnx
 from jax.sharding import AbstractMesh, Mesh, PartitionSpec
 
-from ctelm_jax.errors import entry_point
+from ctelm_jax import console
 from ctelm_jax.data.pipeline import batch_spec
-from ctelm_jax.models.build import ModelSpec, decoder_config, tokens_per_embedding
 from ctelm_jax.models.elm import ELM
 from ctelm_jax.models.llama import Constrain, LlamaConfig, no_constraint
 from ctelm_jax.parallel.mesh import MESH_AXES, resolve_mesh_shape
 from ctelm_jax.parallel.rules import Rules, as_rules, batch_sharding, constrainer, logical_to_spec, state_shardings
-from ctelm_jax.train.checkpoint import abstract_like
+from ctelm_jax.run.build import ModelSpec, decoder_config, tokens_per_embedding
+from ctelm_jax.run.checkpoint import abstract_like
 from ctelm_jax.train.curriculum import Curriculum
 from ctelm_jax.train.metrics import train_flops_per_token
 from ctelm_jax.train.optimizer import GROUPS, group_of
@@ -391,4 +391,4 @@ if __name__ == "__main__":
     _MEMORY_GIB = flags.DEFINE_float("memory_gib", 0.0, "Device memory in GiB: also recommend the largest batch.")
     _XLA = flags.DEFINE_bool("xla", False, "Also compile each stage's train step here and print XLA's memory analysis.")
     flags.mark_flag_as_required("config")
-    app.run(entry_point(main, "ctelm_jax.sizing", also=(ValueError,)))
+    app.run(console.entry_point(main, "ctelm_jax.sizing", also=(ValueError,)))

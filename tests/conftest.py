@@ -82,8 +82,8 @@ def write_step0_run(workdir: Path, step: int = 3) -> Path:
     from flax import nnx
 
     from configs.tiny import get_config
-    from ctelm_jax.models.build import build_elm, load_tokenizer
-    from ctelm_jax.train.checkpoint import Checkpointer
+    from ctelm_jax.run.build import build_elm, load_tokenizer
+    from ctelm_jax.run.checkpoint import Checkpointer
 
     config = get_config()
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))

@@ -10,9 +10,9 @@ from flax import nnx
 
 from configs import tiny
 from ctelm_jax.models.attention import attend, choose, platform, splash_block, splash_length
-from ctelm_jax.models.build import abstract_elm, build_elm, load_tokenizer
 from ctelm_jax.parallel.mesh import make_mesh
 from ctelm_jax.parallel.rules import DEFAULT_RULES, constrainer
+from ctelm_jax.run.build import abstract_elm, build_elm, load_tokenizer
 
 B, T, N, D = 4, 256, 4, 16  # T = 2 splash tiles of 128: the kernel's cross-tile online softmax and block skipping run
 EPS = float(np.finfo(np.float32).eps)

@@ -9,9 +9,9 @@ import pytest
 from configs import tiny
 from conftest import write_step0_run
 from ctelm_jax.errors import UserError
-from ctelm_jax.train.checkpoint import DAMAGED_DIR, DamagedCheckpoint
+from ctelm_jax.run.checkpoint import DAMAGED_DIR, DamagedCheckpoint
+from ctelm_jax.run.trained import load_trained
 from ctelm_jax.train.loop import train
-from ctelm_jax.trained import load_trained
 
 
 def steps(workdir: Path) -> list[int]:

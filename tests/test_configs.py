@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ctelm_jax.models.build import decoder_config
 from ctelm_jax.parallel.mesh import MESH_AXES
+from ctelm_jax.run.build import decoder_config
 from ctelm_jax.train.loop import train
 from conftest import metric_rows
 

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from ctelm_jax.eval import prompts
+from ctelm_jax import prompts
 from ctelm_jax.generate import check_inputs
-from ctelm_jax.models.build import build_elm, load_tokenizer
+from ctelm_jax.run.build import build_elm, load_tokenizer
 
 K = 3
 

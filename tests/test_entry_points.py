@@ -115,8 +115,8 @@ def test_decode_strengths_that_are_not_numbers_are_one_line(tmp_path):
 def test_workdir_of_another_config_is_one_line(tmp_path):
     """A workdir whose checkpoints hold configs/tiny.py's model, trained on with another adapter width."""
     from configs.tiny import get_config
-    from ctelm_jax.models.build import model_signature
-    from ctelm_jax.train.checkpoint import Checkpointer
+    from ctelm_jax.run.build import model_signature
+    from ctelm_jax.run.checkpoint import Checkpointer
 
     ckpt = Checkpointer(tmp_path / "checkpoints", async_save=False)
     ckpt.save(2, {"step": np.int32(2)}, {}, {"stage": 0, "step": 2}, model_signature(get_config().model))

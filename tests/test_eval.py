@@ -7,8 +7,8 @@ import re
 import numpy as np
 import pytest
 
-from ctelm_jax import decode
-from ctelm_jax.eval import facts, metrics, probes, prompts, report
+from ctelm_jax import decode, prompts, vectors
+from ctelm_jax.eval import facts, metrics, probes, report
 from ctelm_jax.eval.suite import EvalSizes, evaluate_run
 from conftest import write_step0_run
 
@@ -27,9 +27,9 @@ def trial_text(ages: str = "18 years and older", sex: str = "all") -> str:
 def test_cosine_rows():
     a = np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
     b = np.array([[2.0, 0.0], [-1.0, -1.0], [1.0, 0.0]])
-    np.testing.assert_allclose(metrics.cosine_rows(a, b), [1.0, -1.0, 0.0])
+    np.testing.assert_allclose(vectors.cosine_rows(a, b), [1.0, -1.0, 0.0])
     with pytest.raises(ValueError, match="equal shapes"):
-        metrics.cosine_rows(a, b[:2])
+        vectors.cosine_rows(a, b[:2])
 
 
 def test_rouge_l_and_bleu_sanity():
@@ -46,10 +46,10 @@ def test_rouge_l_and_bleu_sanity():
 def test_nearest_neighbour_excludes_self():
     pool = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
     ids = ["A", "B", "C"]
-    assert metrics.nearest_neighbours(pool, pool, ids, ids).tolist() == [1, 0, 1]
-    assert metrics.nearest_neighbours(pool[:1], pool, ["Z"], ids).tolist() == [0]
+    assert vectors.nearest_neighbours(pool, pool, ids, ids).tolist() == [1, 0, 1]
+    assert vectors.nearest_neighbours(pool[:1], pool, ["Z"], ids).tolist() == [0]
     with pytest.raises(ValueError, match="no neighbour"):
-        metrics.nearest_neighbours(pool[:1], pool[:1], ["A"], ["A"])
+        vectors.nearest_neighbours(pool[:1], pool[:1], ["A"], ["A"])
 
 
 def test_summary_skips_non_finite():
@@ -235,7 +235,7 @@ def test_evaluate_run_end_to_end(tiny_run, tmp_path):
 
 @pytest.fixture(scope="module")
 def trained(tiny_run):
-    from ctelm_jax.trained import load_trained
+    from ctelm_jax.run.trained import load_trained
 
     return load_trained(tiny_run)
 

@@ -13,6 +13,7 @@ from ctelm_jax import concepts as concepts_lib
 from ctelm_jax.data import render
 from ctelm_jax.explore import atlas
 from ctelm_jax.explore.run import corpus, explore_run, search_run
+from ctelm_jax.run.concepts import compute
 from conftest import write_step0_run
 
 TEXT = "Phase: phase 2\nConditions: {conditions}\nInterventions: x\nAges: not stated\nSex: all\nStatus: completed"
@@ -62,7 +63,7 @@ def tiny_run(tmp_path_factory):
     """A run directory of configs/tiny.py (random 32-d embeddings) with a checkpoint of its freshly built model and
     the built-in concepts plus a user-defined one (phase 3 minus the rest) saved with it."""
     workdir = write_step0_run(tmp_path_factory.mktemp("tiny_run"))
-    concepts = concepts_lib.write_for_run(workdir)
+    concepts = compute(workdir)
     records, embeddings = corpus(workdir)
     concepts["phase3"] = concepts_lib.define("phase3", records, embeddings, lambda f: f.phase == "phase 3",
                                              lambda f: f.phase != "phase 3", "phase 3 minus the rest")

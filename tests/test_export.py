@@ -15,18 +15,18 @@ from flax import nnx, traverse_util
 
 from configs import tiny
 from conftest import pickle_trap
-from ctelm_jax import export
+from ctelm_jax import export, prompts
 from ctelm_jax.errors import UserError
+from ctelm_jax.generate import generate
 from ctelm_jax.hf import reference
 from ctelm_jax.models.adapter import Adapter, set_standardisation
-from ctelm_jax.eval import prompts
-from ctelm_jax.generate import generate
-from ctelm_jax.models.build import build_elm, load_tokenizer
 from ctelm_jax.models.elm import ELM
 from ctelm_jax.models.llama import Llama, LlamaConfig
-from ctelm_jax.train.checkpoint import Checkpointer, CheckpointMismatch, restore_params
-from ctelm_jax.weights import elm_export, hf
-from ctelm_jax.weights.elm_export import export_elm, import_elm, maybe_export
+from ctelm_jax.run.build import build_elm, load_tokenizer
+from ctelm_jax.run.checkpoint import Checkpointer, CheckpointMismatch, restore_params
+from ctelm_jax.run.export import export_run, maybe_export
+from ctelm_jax.weights import hf
+from ctelm_jax.weights.elm_export import export_elm, import_elm
 from ctelm_jax.weights.hf import INDEX_FILE, CheckpointError, decoder_to_hf, lora_to_peft, read_tensors
 from ctelm_jax.weights.tokenizer import Tokenizer
 
@@ -405,7 +405,7 @@ def test_config_weights_mismatch_raises(tmp_path, run_dir):
     config["model"]["adapter_hidden"] = 40
     (bad / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointMismatch, match=r"adapter/fc_in/\w+ has shape \(64,\) but .* is \(40,\)"):
-        elm_export.export_run(bad, tmp_path / "hf")
+        export_run(bad, tmp_path / "hf")
     assert not (tmp_path / "hf").exists() and siblings(bad) == ["bad_run"]
     template = {"adapter": {"input_mean": np.zeros(32, np.float32)}, "extra": np.zeros(3, np.float32)}
     with pytest.raises(CheckpointMismatch, match="parameter extra is missing; .* older ctelm_jax"):

@@ -10,17 +10,17 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from configs.tiny import get_config
-from ctelm_jax.eval import prompts
+from ctelm_jax import prompts
 from ctelm_jax.generate import SamplingConfig, generate
 from ctelm_jax.models.adapter import Adapter
-from ctelm_jax.models.build import build_elm
 from ctelm_jax.models.elm import ELM
 from ctelm_jax.models.embed_head import EmbedHead
 from ctelm_jax.models.llama import Llama, LlamaConfig
 from ctelm_jax.parallel.mesh import make_mesh
 from ctelm_jax.parallel.rules import DEFAULT_RULES, logical_to_spec
-from ctelm_jax.train.checkpoint import Checkpointer
-from ctelm_jax.trained import load_trained, run_mesh
+from ctelm_jax.run.build import build_elm
+from ctelm_jax.run.checkpoint import Checkpointer
+from ctelm_jax.run.trained import load_trained, run_mesh
 from ctelm_jax.weights import hf
 
 MESH_2X2X2 = {"data": 2, "fsdp": 2, "tensor": 2}

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from flax import nnx, traverse_util
 
-from ctelm_jax.models.build import build_elm, load_tokenizer
-from ctelm_jax.train import inputs
-from ctelm_jax.trained import load_run_config, load_trained
+from ctelm_jax.run.build import build_elm, load_tokenizer
+from ctelm_jax.run.config import load_run_config
+from ctelm_jax.run.corpus import load_splits
+from ctelm_jax.run.trained import load_trained
 from conftest import free_port, metric_rows, wait_all
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,5 +98,5 @@ def initial_model(workdir: Path):
     """The run's step-0 model, rebuilt from its config as the training loop builds it (seeded, so both runs share it)."""
     config = load_run_config(workdir)
     tokenizer = load_tokenizer(config.model)
-    train_split = inputs.load_splits(config, workdir, tokenizer)["train"]
+    train_split = load_splits(config, workdir)["train"]
     return build_elm(config.model, tokenizer, train_embeddings=train_split.embeddings)

@@ -11,10 +11,10 @@ from flax import nnx, traverse_util
 from configs.tiny import get_config
 from ctelm_jax.errors import UserError
 from ctelm_jax.models.adapter import Adapter
-from ctelm_jax.models.build import build_elm, load_tokenizer
 from ctelm_jax.models.elm import ELM
 from ctelm_jax.models.llama import Llama, LlamaConfig
-from ctelm_jax.train.checkpoint import Checkpointer, restore_params
+from ctelm_jax.run.build import build_elm, load_tokenizer
+from ctelm_jax.run.checkpoint import Checkpointer, restore_params
 from ctelm_jax.train.optimizer import group_of, make_optimizer, param_labels
 from ctelm_jax.train.precision import cast_frozen, frozen_dtype
 from ctelm_jax.train.step import TrainState, loss_and_metrics, make_train_step

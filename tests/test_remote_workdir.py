@@ -28,13 +28,13 @@ from ctelm_jax import decode, export, fs
 from ctelm_jax.data.corpus import load_records
 from ctelm_jax.data.embeddings import embed_corpus
 from ctelm_jax.data.render import render_text
-from ctelm_jax.eval.suite import EvalSizes, evaluate_run
 from ctelm_jax.errors import UserError
+from ctelm_jax.eval.suite import EvalSizes, evaluate_run
+from ctelm_jax.run.checkpoint import Checkpointer
+from ctelm_jax.run.trained import load_trained
 from ctelm_jax.train import workdir_lock
-from ctelm_jax.train.checkpoint import Checkpointer
 from ctelm_jax.train.loop import train
 from ctelm_jax.train.metrics import tfrecords
-from ctelm_jax.trained import load_trained
 from ctelm_jax.weights.elm_export import adapter_to_hf, import_elm
 from ctelm_jax.weights.hf import decoder_to_hf
 from conftest import free_port, metric_rows, sigterm_once_logged

@@ -8,9 +8,8 @@ import types
 import numpy as np
 import pytest
 
-from ctelm_jax import decode
+from ctelm_jax import decode, prompts
 from ctelm_jax.errors import UserError
-from ctelm_jax.eval import prompts
 from ctelm_jax.eval.suite import EvalSizes
 from ctelm_jax.generate import SamplingConfig
 from ctelm_jax.rerank import Reranked, RerankConfig, input_vectors, rerank
@@ -120,7 +119,7 @@ def tiny_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(tiny_run):
-    from ctelm_jax.trained import load_trained
+    from ctelm_jax.run.trained import load_trained
 
     return load_trained(tiny_run)
 
@@ -158,9 +157,7 @@ def flags_for(tiny_run, npy, out, **changes):
 
 
 def test_decode_with_rerank_end_to_end(tiny_run, tmp_path, monkeypatch, capsys):
-    from ctelm_jax.eval import suite
-
-    monkeypatch.setattr(suite, "run_encoder", lambda config: (fake_encode, "the test's encoder"))
+    monkeypatch.setattr(decode, "run_encoder", lambda config: (fake_encode, "the test's encoder"))
     np.save(tmp_path / "two.npy", fake_encode(["a trial", "another trial"]))
     out = tmp_path / "decoded.jsonl"
     decode.decode(flags_for(tiny_run, tmp_path / "two.npy", out))

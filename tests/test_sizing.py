@@ -14,10 +14,10 @@ from flax import nnx
 
 from configs import default, llama31_8b_full_v5p, llama31_8b_h100x8, llama31_8b_v5p8, tiny
 from ctelm_jax import sizing
-from ctelm_jax.models.build import decoder_config
 from ctelm_jax.models.llama import init_cache
 from ctelm_jax.parallel.mesh import make_mesh
 from ctelm_jax.parallel.rules import as_rules
+from ctelm_jax.run.build import decoder_config
 from ctelm_jax.train.metrics import train_flops_per_token
 
 REPO = Path(__file__).resolve().parents[1]

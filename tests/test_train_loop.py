@@ -20,16 +20,17 @@ from flax import nnx, traverse_util
 from orbax.checkpoint._src.handlers.json_checkpoint_handler import JsonCheckpointHandler
 
 from configs import tiny
-from ctelm_jax.models.adapter import standardisation
-from ctelm_jax.models.build import build_elm, load_tokenizer
 from ctelm_jax import fs
 from ctelm_jax.errors import UserError
+from ctelm_jax.models.adapter import standardisation
 from ctelm_jax.parallel.mesh import make_mesh, resolve_mesh_shape
 from ctelm_jax.parallel.rules import as_rules, state_shardings
-from ctelm_jax.train.checkpoint import Checkpointer, CheckpointMismatch
-from ctelm_jax.train import inputs, workdir_lock
+from ctelm_jax.run.build import build_elm, load_tokenizer
+from ctelm_jax.run.checkpoint import Checkpointer, CheckpointMismatch
+from ctelm_jax.run.corpus import load_splits
+from ctelm_jax.run.trained import load_trained
+from ctelm_jax.train import workdir_lock
 from ctelm_jax.train.loop import NonFiniteLoss, train
-from ctelm_jax.trained import load_trained
 from conftest import metric_rows, sigterm_once_logged
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,7 +53,7 @@ def test_sigterm_then_resume_equals_uninterrupted(tmp_path):
     assert sorted(reference) == list(range(1, 9))
     # The adapter's input statistics are the training split's, saved with the model and never trained.
     trained = load_trained(full)
-    mean, scale = standardisation(inputs.load_splits(trained.config, full, trained.tokenizer)["train"].embeddings)
+    mean, scale = standardisation(load_splits(trained.config, full)["train"].embeddings)
     np.testing.assert_allclose(np.asarray(trained.model.adapter.input_mean[...]), mean, rtol=1e-6)
     np.testing.assert_allclose(np.asarray(trained.model.adapter.input_scale[...]), scale, rtol=1e-6)
 
@@ -176,13 +177,15 @@ def test_impossible_mesh_and_unknown_config_key():
 
 
 def test_sigterm_during_startup_stops_without_writing_a_checkpoint(tmp_path, monkeypatch):
-    load_splits = inputs.load_splits
+    from ctelm_jax.train import loop
+
+    original = loop.load_splits
 
     def signalled(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)  # the handler runs on return from kill: mid start-up
-        return load_splits(*args, **kwargs)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(inputs, "load_splits", signalled)
+    monkeypatch.setattr(loop, "load_splits", signalled)
     before = signal.getsignal(signal.SIGTERM)
     assert train(config(), tmp_path)["status"] == "preempted"
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "tb").exists()

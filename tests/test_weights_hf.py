@@ -9,8 +9,8 @@ from flax import nnx
 from configs import tiny
 from conftest import pickle_trap
 from ctelm_jax.errors import UserError
-from ctelm_jax.models.build import check_model_sources
 from ctelm_jax.models.llama import Llama, LlamaConfig
+from ctelm_jax.run.build import check_model_sources
 from ctelm_jax.weights.hf import (
     INDEX_FILE, CheckpointError, SafetensorsFolder, decoder_from_hf, decoder_to_hf, load_decoder, read_config,
     read_tensors, write_tensors,

@@ -17,8 +17,9 @@ from typing import Any, Iterator, Mapping
 
 from absl import app, flags, logging
 
+from ctelm_jax import console
 from ctelm_jax.data import corpus
-from ctelm_jax.errors import MissingInput, entry_point
+from ctelm_jax.errors import MissingInput
 
 _PHASES = {"EARLY_PHASE1": "early phase 1", "PHASE1": "phase 1", "PHASE2": "phase 2", "PHASE3": "phase 3",
            "PHASE4": "phase 4", "NA": "not applicable"}
@@ -123,4 +124,4 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     flags.DEFINE_string("input", None, "API v2 JSON / JSONL file or folder of them.", required=True)
     flags.DEFINE_string("out", None, "Output corpus file (.jsonl or .jsonl.gz).", required=True)
-    app.run(entry_point(main, "ctelm_jax.data.ctgov", also=(ValueError,)))
+    app.run(console.entry_point(main, "ctelm_jax.data.ctgov", also=(ValueError,)))

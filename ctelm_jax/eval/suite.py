@@ -27,18 +27,20 @@ from typing import Any
 import numpy as np
 
 from ctelm_jax import concepts as concepts_lib
-from ctelm_jax import console, fs
+from ctelm_jax import console, fs, prompts
 from ctelm_jax.data import render
 from ctelm_jax.data.tasks import attribute_answer
 from ctelm_jax.errors import UserError
-from ctelm_jax.eval import facts, metrics, probes, prompts, report
-from ctelm_jax.models.build import build_elm
+from ctelm_jax.eval import facts, metrics, probes, report
 from ctelm_jax.parallel.rules import as_rules, constrainer
 from ctelm_jax.rerank import Encode, RerankConfig, rerank
+from ctelm_jax.run.build import build_elm
+from ctelm_jax.run.concepts import load_or_compute
+from ctelm_jax.run.config import load_run_config
+from ctelm_jax.run.corpus import load_splits, run_encoder
+from ctelm_jax.run.trained import load_trained, run_mesh
 from ctelm_jax.text_embedding import embed_texts
-from ctelm_jax.train.inputs import load_splits
-from ctelm_jax.trained import load_run_config, load_trained, run_mesh
-from ctelm_jax.weights.default import encoder_dir
+from ctelm_jax.vectors import cosine_rows, nearest_neighbours
 
 MAJORITY_SAMPLE = 500
 
@@ -79,19 +81,6 @@ class EvalSizes:
             raise ValueError(f"evaluation sizes must be positive: {bad}")
 
 
-def run_encoder(config: Any) -> tuple[Encode | None, str]:
-    """The run's frozen sentence encoder as a function, or None (with the reason) when the run used random vectors."""
-    if config.data.embeddings == "random":
-        return None, "the run was trained on random embeddings (data.embeddings='random'): no encoder to re-embed with"
-    from ctelm_jax.encoders.bert import SentenceEncoder
-
-    path = encoder_dir(config.data.encoder)
-    encoder = SentenceEncoder.from_dir(path)
-    if encoder.dim != int(config.model.domain_dim):
-        return None, f"encoder {path} gives {encoder.dim}-d vectors but the model takes {config.model.domain_dim}-d"
-    return encoder.encode, f"{path} ({encoder.dim}-d, frozen)"
-
-
 def _pick(n_total: int, n: int, rng: np.random.Generator) -> np.ndarray:
     """n distinct indices (all if fewer), in random order."""
     return rng.permutation(n_total)[: min(n, n_total)]
@@ -117,7 +106,7 @@ def evaluate_run(workdir: str | os.PathLike, sizes: EvalSizes = EvalSizes(), enc
     out_dir.mkdir(parents=True, exist_ok=True)
     mesh = run_mesh(load_run_config(workdir))
     model, tokenizer, config, trained_step = load_trained(workdir, step, mesh)
-    splits = load_splits(config, workdir, tokenizer)
+    splits = load_splits(config, workdir)
     if sizes.split not in splits or not splits[sizes.split].records:
         raise ValueError(f"split {sizes.split!r} is empty or unknown; choose one of {sorted(splits)}.")
     held_out, train = splits[sizes.split], splits["train"]
@@ -160,7 +149,7 @@ def evaluate_run(workdir: str | os.PathLike, sizes: EvalSizes = EvalSizes(), enc
                        "greedy_kept": int((reranked.chosen == 0).sum())}
     texts["untrained adapter"] = untrained
     train_ids = [r["nctid"] for r in train.records]
-    nn = metrics.nearest_neighbours(vectors, train.embeddings, [r["nctid"] for r in records], train_ids)
+    nn = nearest_neighbours(vectors, train.embeddings, [r["nctid"] for r in records], train_ids)
     texts["nearest training neighbour"] = [render.render_text(train.records[i]) for i in nn]
     texts["random training text"] = [render.render_text(train.records[i])
                                      for i in rng.integers(0, len(train.records), len(rows))]
@@ -172,7 +161,7 @@ def evaluate_run(workdir: str | os.PathLike, sizes: EvalSizes = EvalSizes(), enc
                                "facts": facts.fact_table(system_texts, truths)}
         if encode is not None:
             cos = known_cosines.get(name)
-            cos = metrics.cosine_rows(encode(system_texts), vectors) if cos is None else cos
+            cos = cosine_rows(encode(system_texts), vectors) if cos is None else cos
             row["cosine"], row["cosines"] = metrics.summary(cos), [round(float(c), 4) for c in cos]
         if name in decode_s:
             row["seconds_per_text"] = round(decode_s[name] / len(rows), 3)
@@ -183,9 +172,8 @@ def evaluate_run(workdir: str | os.PathLike, sizes: EvalSizes = EvalSizes(), enc
     if model.embed_head is not None:
         centroid = train.embeddings.mean(axis=0)
         embed_prediction = {
-            "ELM": metrics.summary(metrics.cosine_rows(embed_texts(model, tokenizer, truths, sizes.batch_size),
-                                                       vectors)),
-            "training mean": metrics.summary(metrics.cosine_rows(np.broadcast_to(centroid, vectors.shape), vectors))}
+            "ELM": metrics.summary(cosine_rows(embed_texts(model, tokenizer, truths, sizes.batch_size), vectors)),
+            "training mean": metrics.summary(cosine_rows(np.broadcast_to(centroid, vectors.shape), vectors))}
         lap("embedding prediction")
 
     attr_rows = _pick(len(held_out.records), sizes.n_attribute, np.random.default_rng(sizes.seed + 1))
@@ -202,13 +190,7 @@ def evaluate_run(workdir: str | os.PathLike, sizes: EvalSizes = EvalSizes(), enc
     attributes = probes.attribute_accuracy(answers, attr_truths, majority)
     lap("attributes")
 
-    try:
-        concepts = concepts_lib.load(workdir)
-        concepts_note = f"loaded from {workdir / concepts_lib.NPZ}"
-    except FileNotFoundError:
-        concepts = concepts_lib.builtin(train.records, train.embeddings)
-        concepts_lib.save(workdir, concepts, source="train split")
-        concepts_note = f"computed from the training split and saved to {workdir / concepts_lib.NPZ}"
+    concepts, concepts_note = load_or_compute(workdir, train)
     lap("concept vectors")
     curve_concepts = [c for c in concepts.values() if c.name in probes.CURVE_SCORES]
     strengths = sorted({*map(float, sizes.strengths), 0.0})
@@ -232,7 +214,7 @@ def evaluate_run(workdir: str | os.PathLike, sizes: EvalSizes = EvalSizes(), enc
     novel_vectors = np.concatenate([gauss, mids])
     novel_texts = prompts.decode_texts(model, tokenizer, [describe] * len(novel_vectors),
                                        [v[None] for v in novel_vectors], cfg)
-    novel_cos = metrics.cosine_rows(encode(novel_texts), novel_vectors) if encode is not None else None
+    novel_cos = cosine_rows(encode(novel_texts), novel_vectors) if encode is not None else None
     novel = {}
     for name, part in (("gaussian", slice(0, len(gauss))), ("midpoint", slice(len(gauss), None))):
         novel[name] = {"n": len(novel_texts[part]),

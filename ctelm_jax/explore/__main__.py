@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from ctelm_jax.errors import entry_point, parse_floats
+from ctelm_jax import console
+from ctelm_jax.errors import parse_floats
 from ctelm_jax.explore.atlas import ExploreSizes
 from ctelm_jax.explore.run import explore_run, search_run
 
@@ -64,4 +65,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(entry_point(main, "ctelm_jax.explore", also=(ValueError, FileNotFoundError)))
+    app.run(console.entry_point(main, "ctelm_jax.explore", also=(ValueError, FileNotFoundError)))

@@ -21,10 +21,10 @@ from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 
 from ctelm_jax import concepts as concepts_lib
-from ctelm_jax import decode
+from ctelm_jax import decode, prompts
 from ctelm_jax.data import render
 from ctelm_jax.data.render import TrialFields
-from ctelm_jax.eval import probes, prompts
+from ctelm_jax.eval import probes
 from ctelm_jax.models.elm import ELM
 from ctelm_jax.weights.tokenizer import Tokenizer
 

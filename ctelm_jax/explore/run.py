@@ -19,15 +19,16 @@ from ctelm_jax.data import render
 from ctelm_jax.data.corpus import split_of
 from ctelm_jax.explore import atlas as atlas_lib
 from ctelm_jax.explore import page
-from ctelm_jax.models.build import load_tokenizer
-from ctelm_jax.train.inputs import load_splits
-from ctelm_jax.trained import load_run_config, load_trained
+from ctelm_jax.run.concepts import load_or_compute
+from ctelm_jax.run.config import load_run_config
+from ctelm_jax.run.corpus import load_splits, run_encoder
+from ctelm_jax.run.trained import load_trained
 
 
 def corpus(workdir: epath.Path) -> tuple[list[dict], np.ndarray]:
     """Every record of the run's corpus (all splits) and its embeddings, row-aligned."""
     config = load_run_config(workdir)
-    splits = load_splits(config, workdir, load_tokenizer(config.model))
+    splits = load_splits(config, workdir)
     records = [r for s in splits.values() for r in s.records]
     return records, np.concatenate([s.embeddings for s in splits.values()])
 
@@ -35,10 +36,7 @@ def corpus(workdir: epath.Path) -> tuple[list[dict], np.ndarray]:
 def run_concepts(workdir: epath.Path, names: Sequence[str] = ()) -> dict[str, concepts_lib.Concept]:
     """The concepts saved with the run (built-in and user-defined; the built-in ones are computed and saved if the
     run has none), restricted to `names` if given."""
-    try:
-        saved = concepts_lib.load(workdir)
-    except FileNotFoundError:
-        saved = concepts_lib.write_for_run(workdir)
+    saved, _ = load_or_compute(workdir)
     missing = [n for n in names if n not in saved]
     if missing:
         raise ValueError(f"concepts {missing} are not saved with {workdir}; saved: {sorted(saved)}.")
@@ -87,8 +85,6 @@ def explore_run(workdir: str | os.PathLike, sizes: atlas_lib.ExploreSizes = atla
 
 def search_run(workdir: str | os.PathLike, query: str, k: int = 10) -> str:
     """The k trials of the run's corpus nearest (cosine) to an NCT id or a text, one line each."""
-    from ctelm_jax.eval.suite import run_encoder
-
     workdir = fs.as_path(workdir)
     records, embeddings = corpus(workdir)
     ids = [r["nctid"] for r in records]

@@ -14,11 +14,11 @@ import numpy as np
 import torch
 from absl import app, flags
 
-from ctelm_jax.eval.prompts import describe_prompt, sampling_config, stop_ids
 from ctelm_jax.generate import generate
 from ctelm_jax.hf import reference
-from ctelm_jax.train.inputs import load_splits
-from ctelm_jax.trained import load_trained
+from ctelm_jax.prompts import describe_prompt, sampling_config, stop_ids
+from ctelm_jax.run.corpus import load_splits
+from ctelm_jax.run.trained import load_trained
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Run directory of the trained model.")
 _EXPORT = flags.DEFINE_string("export", "runs/default/hf", "Its Hugging Face export (python -m ctelm_jax.export).")
@@ -38,7 +38,7 @@ def main(argv: list[str]) -> None:
     """Decodes each trial with both stacks and compares the token ids."""
     del argv
     trained = load_trained(_WORKDIR.value)
-    test = load_splits(trained.config, _WORKDIR.value, trained.tokenizer)["test"]
+    test = load_splits(trained.config, _WORKDIR.value)["test"]
     loaded = reference.load(_EXPORT.value)
     prompt = describe_prompt(trained.tokenizer)
     stops = set(stop_ids(trained.tokenizer)) | {loaded.model.generation_config.pad_token_id}

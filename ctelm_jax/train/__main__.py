@@ -5,7 +5,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ctelm_jax.errors import entry_point
+from ctelm_jax import console
 from ctelm_jax.train.loop import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Training config file (ml_collections).")
@@ -25,4 +25,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(entry_point(main, "ctelm_jax.train"))
+    app.run(console.entry_point(main, "ctelm_jax.train"))

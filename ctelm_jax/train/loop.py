@@ -21,19 +21,21 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from ctelm_jax import console, fs
-from ctelm_jax.models.build import build_elm, decoder_config, load_tokenizer, model_signature
 from ctelm_jax.parallel.distributed import maybe_initialize_distributed
 from ctelm_jax.parallel.mesh import make_mesh
 from ctelm_jax.parallel.rules import as_rules, batch_sharding, constrainer, state_shardings
+from ctelm_jax.run.build import build_elm, decoder_config, load_tokenizer, model_signature
+from ctelm_jax.run.checkpoint import Checkpointer
+from ctelm_jax.run.config import save_run_config
+from ctelm_jax.run.corpus import load_splits
+from ctelm_jax.run.export import maybe_export
 from ctelm_jax.train import inputs, workdir_lock
-from ctelm_jax.train.checkpoint import Checkpointer
 from ctelm_jax.train.curriculum import Curriculum
 from ctelm_jax.train.metrics import EventWriter, peak_flops_per_device, task_losses, train_flops_per_token
 from ctelm_jax.train.precision import cast_frozen
 from ctelm_jax.train.stage_step import stage_step
 from ctelm_jax.train.step import TrainState, make_eval_step
 from ctelm_jax.train.validate import check_config
-from ctelm_jax.weights.elm_export import maybe_export
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -121,12 +123,12 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption: P
     try:
         with preemption.droppable():
             if jax.process_index() == 0:
-                (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+                save_run_config(workdir, config)
             mesh = make_mesh(dict(config.mesh))
             rules = as_rules(config.rules)
             tasks = list(config.data.tasks)
             tokenizer = load_tokenizer(config.model)
-            data = inputs.load_splits(config, workdir, tokenizer)
+            data = load_splits(config, workdir)
             console.say(f"data: {', '.join(f'{len(s.records)} {n}' for n, s in data.items())} trials, "
                         f"{data['train'].embeddings.shape[1]}-d embeddings; log: {workdir / console.LOG_FILE}")
             concept_vectors = inputs.offset_vectors(curriculum, workdir, data["train"])

@@ -12,7 +12,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ctelm_jax.train.checkpoint import abstract_like
+from ctelm_jax.run.checkpoint import abstract_like
 from ctelm_jax.train.curriculum import Stage
 from ctelm_jax.train.optimizer import Params, make_optimizer, param_labels
 from ctelm_jax.train.step import TrainState, make_train_step

@@ -10,9 +10,9 @@ import ml_collections
 
 from ctelm_jax.errors import UserError, require_folder
 from ctelm_jax.models.attention import IMPLEMENTATIONS
-from ctelm_jax.models.build import check_model_sources, decoder_config
 from ctelm_jax.parallel.mesh import MESH_AXES, resolve_mesh_shape
 from ctelm_jax.parallel.rules import as_rules, logical_to_spec
+from ctelm_jax.run.build import check_model_sources, decoder_config
 from ctelm_jax.train.curriculum import Curriculum
 from ctelm_jax.train.precision import frozen_dtype
 

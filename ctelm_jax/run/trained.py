@@ -1,8 +1,8 @@
-"""Loads a trained ELM from a run directory (its resolved config.json + orbax checkpoint) for decode/eval/export."""
+"""A run's trained ELM: its resolved config and orbax checkpoint restored onto a mesh (decode / eval / explore /
+export)."""
 
 from __future__ import annotations
 
-import json
 import os
 from typing import NamedTuple
 
@@ -13,12 +13,12 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from ctelm_jax import fs
-from ctelm_jax.errors import MissingInput
-from ctelm_jax.models.build import abstract_elm, load_tokenizer
 from ctelm_jax.models.elm import ELM
 from ctelm_jax.parallel.mesh import make_mesh
 from ctelm_jax.parallel.rules import as_rules, constrainer, state_shardings
-from ctelm_jax.train.checkpoint import abstract_like, restore_params
+from ctelm_jax.run.build import abstract_elm, load_tokenizer
+from ctelm_jax.run.checkpoint import abstract_like, restore_params
+from ctelm_jax.run.config import load_run_config
 from ctelm_jax.weights.tokenizer import Tokenizer
 
 
@@ -29,14 +29,6 @@ class Trained(NamedTuple):
     tokenizer: Tokenizer
     config: ml_collections.ConfigDict
     step: int
-
-
-def load_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
-    """The resolved config a run wrote into its workdir."""
-    path = fs.as_path(workdir) / "config.json"
-    if not path.is_file():
-        raise MissingInput(f"{path}: not a ctelm_jax run directory (no config.json); pass the --workdir of a run.")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 def run_mesh(config: ml_collections.ConfigDict) -> Mesh:

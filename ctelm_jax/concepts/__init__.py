@@ -14,7 +14,8 @@ groups picked by filters over `render.fields`. Built-in concepts, defined from w
 Positive strengths move towards the first group (older / children / women). `apply` adds `strength * vector` and
 renormalises to unit L2 norm, because the encoder (all-MiniLM-L6-v2) L2-normalises every embedding and the model was
 trained only on unit vectors. Vectors are saved with the run as `<workdir>/concepts.npz` (one array per name) and
-`<workdir>/concepts.json` (definitions and group sizes). `python -m ctelm_jax.concepts --workdir=<run>` writes them.
+`<workdir>/concepts.json` (definitions and group sizes); `ctelm_jax.run.concepts` computes a run's from its training
+split, and `python -m ctelm_jax.concepts --workdir=<run>` writes them.
 """
 
 from __future__ import annotations
@@ -118,40 +119,19 @@ def save(workdir: str | os.PathLike, concepts: Mapping[str, Concept], source: st
     return workdir / NPZ
 
 
+def saved(workdir: str | os.PathLike) -> bool:
+    """Whether concept vectors are saved in `workdir` (both files)."""
+    workdir = fs.as_path(workdir)
+    return (workdir / NPZ).is_file() and (workdir / JSON).is_file()
+
+
 def load(workdir: str | os.PathLike) -> dict[str, Concept]:
     """The concepts saved with a run; FileNotFoundError says how to make them."""
     workdir = fs.as_path(workdir)
-    if not (workdir / NPZ).is_file() or not (workdir / JSON).is_file():
+    if not saved(workdir):
         raise MissingInput(f"{workdir}: no concept vectors ({NPZ} + {JSON}); compute them with "
                                 f"`python -m ctelm_jax.concepts --workdir={workdir}` (or run the evaluation).")
     meta = json.loads((workdir / JSON).read_text())["concepts"]
     with (workdir / NPZ).open("rb") as f, np.load(f) as arrays:
         return {name: Concept(name, arrays[name].astype(np.float32), m["positive"], m["negative"], m["description"])
                 for name, m in meta.items()}
-
-
-def write_for_run(workdir: str | os.PathLike) -> dict[str, Concept]:
-    """Computes the built-in concepts from a run's training split and saves them with the run."""
-    from ctelm_jax.models.build import load_tokenizer
-    from ctelm_jax.train.inputs import load_splits
-    from ctelm_jax.trained import load_run_config
-
-    config = load_run_config(workdir)
-    train = load_splits(config, workdir, load_tokenizer(config.model))["train"]
-    concepts = builtin(train.records, train.embeddings)
-    save(workdir, concepts, source="train split")
-    return concepts
-
-
-if __name__ == "__main__":
-    from absl import app, flags
-
-    flags.DEFINE_string("workdir", None, "Run directory.", required=True)
-
-    def _main(argv: list[str]) -> None:
-        del argv
-        for c in write_for_run(flags.FLAGS.workdir).values():
-            print(f"{c.name}: {c.description}: {c.positive} vs {c.negative} trials, "
-                  f"|v| = {np.linalg.norm(c.vector):.3f}")
-
-    app.run(_main)
