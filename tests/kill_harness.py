@@ -66,7 +66,8 @@ def saves_in_flight(workdir: Path) -> bool:
 
 def arm(phase: str, rng: random.Random, workdir: Path, report: Path) -> None:
     """Arms this process to SIGKILL itself at a seeded moment of `phase`; `report` gets what was under way."""
-    from ctelm_jax.train import checkpoint, loop
+    from ctelm_jax.run import checkpoint
+    from ctelm_jax.train import loop
     from ctelm_jax.weights import elm_export
 
     active: set[str] = set()
@@ -131,7 +132,7 @@ def arm(phase: str, rng: random.Random, workdir: Path, report: Path) -> None:
 
 def record_resume(report: Path) -> None:
     """Makes this life write the step its checkpointer resumed from (None: from scratch)."""
-    from ctelm_jax.train import checkpoint
+    from ctelm_jax.run import checkpoint
 
     original = checkpoint.Checkpointer.resume
 

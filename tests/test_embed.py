@@ -144,7 +144,7 @@ def embed_in_two_processes(corpus: Path, out: Path, logdir: Path) -> tuple[list[
                    JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i),
                    CTELM_INIT_TIMEOUT_S="120")
         cmd = [sys.executable, "-m", "ctelm_jax.embed", f"--corpus={corpus}", f"--out={out}", "--max_length=32",
-               "--batch_size=4", "--chunk_size=8"]
+               "--batch_size=4", "--chunk_size=8", "--verbosity=1"]  # INFO on the console: who embeds, what resumes
         procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT))
     codes = wait_all(procs, TIMEOUT_S)
     return codes, [log.read_text() for log in logs]

@@ -26,7 +26,8 @@ def start(workdir: Path, log: Path, devices: int, **env: str) -> subprocess.Pope
     """`python -m ctelm_jax.train` on the tiny config, with `devices` fake CPU devices and extra environment."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
     clean.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **env)
-    cmd = [sys.executable, "-m", "ctelm_jax.train", "--config=configs/tiny.py", f"--workdir={workdir}", *MESH_FLAGS]
+    cmd = [sys.executable, "-m", "ctelm_jax.train", "--config=configs/tiny.py", f"--workdir={workdir}", *MESH_FLAGS,
+           "--verbosity=1"]  # INFO on the console: the log says which process joined
     return subprocess.Popen(cmd, cwd=REPO, env=clean, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 

@@ -304,7 +304,7 @@ def test_full_disk_stops_the_run_and_keeps_earlier_checkpoints(tmp_path, monkeyp
     ckpt.close()
     caplog.set_level(logging.INFO, logger="absl")
     assert train(c, tmp_path)["step"] == 8
-    assert "checkpoints at step 4 " in caplog.text  # resumed from the newest complete step
+    assert "resuming from step 4 of " in caplog.text  # resumed from the newest complete step
     assert all(p.name.isdigit() for p in (tmp_path / "checkpoints").iterdir())  # the partial step 6 was removed
 
 

@@ -107,7 +107,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     workdir.mkdir(parents=True, exist_ok=True)
     preemption = Preemption()
     try:
-        with console.log_file(workdir), workdir_lock.hold(workdir):
+        with workdir_lock.hold(workdir), console.log_file(workdir):  # a run refused writes nothing
             summary = _train(config, workdir, preemption)
         if summary["status"] == "preempted":
             summary["signal"] = preemption.signum
