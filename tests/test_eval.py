@@ -122,6 +122,23 @@ def test_concept_curve_monotone_and_flat():
         probes.concept_curve("sex", [1.0], {1.0: [trial_text()]})
 
 
+def test_specificity_counts_moves_that_keep_phase_conditions_and_interventions():
+    base = trial_text()
+    other_phase = base.replace("Phase: phase 2", "Phase: phase 3")
+    other_drug = base.replace("Interventions: salbutamol", "Interventions: budesonide")
+    assert other_phase != base and other_drug != base
+    texts = {0.0: [base, base, base, "garbage"],
+             -1.0: [trial_text("18 to 40 years"), other_phase, base, base],  # kept, phase changed, kept, base unparsed
+             1.0: [trial_text("65 years and older", "female"), other_drug, "garbage", base]}
+    c = probes.concept_curve("age", [-1.0, 0.0, 1.0], texts)
+    assert [(r["strength"], r["specific"]) for r in c["responsive"]] == [(-1.0, 2 / 4), (1.0, 1 / 4)]
+    assert c["responsive"][1]["specific_ci"] == pytest.approx(metrics.wilson_interval(1, 4))
+    assert c["specificity"] == pytest.approx((2 / 4 + 1 / 4) / 2)
+    assert probes.identity("garbage") is None and probes.identity(base) == probes.identity(trial_text("60 years and older"))
+    assert "Specificity, phase, conditions and interventions as at strength 0" in report._concept_table(
+        {"curves": {"age": c}, "definitions": {"age": {"description": "d", "positive": 1, "negative": 1}}}, "test")
+
+
 def test_concept_plot_with_a_full_share(tmp_path):
     # Every trial moved toward the concept at +1: the interval ends at exactly 1, and the error bars draw.
     texts = {0.0: [trial_text()], 1.0: [trial_text("60 years and older")]}

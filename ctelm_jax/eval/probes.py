@@ -125,7 +125,9 @@ def concept_curve(concept: str, strengths: Sequence[float], texts: Mapping[float
     (unparsed texts count as not moved); `net` = toward - away; `positive` / `negative` shares falling in the
     concept's two defining groups; `mean_score` (concept-signed); `toward_ci` / `away_ci`: Wilson 95% intervals of
     those shares. `shape`: `shape` of net against strength. `responsive`: per non-zero strength, the share of trials
-    moved with the push (toward the concept for s > 0, away for s < 0) as k of n with its Wilson interval.
+    moved with the push (toward the concept for s > 0, away for s < 0) as k of n with its Wilson interval, and
+    `specific`: the share whose decode keeps the strength-0 decode's `identity` (a move changes only what it names).
+    `specificity`: the mean of `specific` over the non-zero strengths.
     """
     if concept not in CURVE_SCORES:
         raise ValueError(f"no response curve for concept {concept!r}; built-in: {sorted(CURVE_SCORES)}")
@@ -134,6 +136,7 @@ def concept_curve(concept: str, strengths: Sequence[float], texts: Mapping[float
     score, sign = CURVE_SCORES[concept]
     positive_fn, negative_fn, _ = concepts_lib.BUILTIN[concept]
     base = [extract_fields(t) for t in texts[0.0]]
+    base_identity = [identity(t) for t in texts[0.0]]
     rows, responsive = [], []
     for s in strengths:
         fields = [extract_fields(t) for t in texts[s]]
@@ -152,10 +155,21 @@ def concept_curve(concept: str, strengths: Sequence[float], texts: Mapping[float
         })
         if s != 0.0:
             k = toward if s > 0 else away
+            kept = sum(a is not None and a == b for a, b in zip(map(identity, texts[s]), base_identity))
             responsive.append({"strength": float(s), "k": k, "n": n, "share": k / n,
-                               "ci": list(metrics.wilson_interval(k, n))})
+                               "ci": list(metrics.wilson_interval(k, n)), "specific": kept / n,
+                               "specific_ci": list(metrics.wilson_interval(kept, n))})
     nets = [r["net"] for r in sorted(rows, key=lambda r: r["strength"])]
-    return {"concept": concept, "n": len(base), "curve": rows, "shape": shape(nets), "responsive": responsive}
+    specificity = float(np.mean([r["specific"] for r in responsive])) if responsive else float("nan")
+    return {"concept": concept, "n": len(base), "curve": rows, "shape": shape(nets), "responsive": responsive,
+            "specificity": specificity}
+
+
+def identity(text: str) -> tuple[str, tuple[str, ...], tuple[str, ...]] | None:
+    """What a concept move must leave as it was: the phase, conditions and interventions of a well-formed decode
+    (`render.parse_text`); None for a text that is not well-formed, which keeps nothing."""
+    f = render.parse_text(text)
+    return None if f is None else (f.phase, f.conditions, f.interventions)
 
 
 def shape(values: Sequence[float]) -> str:

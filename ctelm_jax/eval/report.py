@@ -107,9 +107,12 @@ def _concept_table(concepts: dict[str, Any], split: str) -> str:
         d = concepts["definitions"][name]
         moved = "; ".join(f"{r['strength']:+.2f}: {r['k']}/{r['n']} = {_share_ci(r['share'], r['ci'])}"
                           for r in c["responsive"])
+        kept = "; ".join(f"{r['strength']:+.2f}: {_share_ci(r['specific'], r['specific_ci'])}" for r in c["responsive"])
         lines += [f"**{name}** ({d['description']}; {d['positive']} vs {d['negative']} training trials; "
                   f"{c['n']} {split} trials; net shift against strength: {c['shape']})", "",
                   f"Moved with the push (95% Wilson interval): {moved}.", "",
+                  f"Specificity, phase, conditions and interventions as at strength 0 (95% Wilson interval): {kept}; "
+                  f"mean {c['specificity']:.0%}.", "",
                   "| strength | parsed | toward [95% CI] | away [95% CI] | net | in positive group | in negative group "
                   "| mean score |", "|---|---|---|---|---|---|---|---|"]
         for r in c["curve"]:
