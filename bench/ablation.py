@@ -81,6 +81,10 @@ def _k4(c: ml_collections.ConfigDict) -> None:
     c.model.tokens_per_embedding = 4
 
 
+def _edit_pair(c: ml_collections.ConfigDict) -> None:
+    c.concepts.method = "edit_pair"
+
+
 VARIANTS: dict[str, tuple[str, Callable[[ml_collections.ConfigDict], None]]] = {
     "full": ("full recipe, k = 1", _as_ablated),
     "no_offset": ("without concept-offset training", _ablated(_no_offset)),
@@ -90,6 +94,7 @@ VARIANTS: dict[str, tuple[str, Callable[[ml_collections.ConfigDict], None]]] = {
     "describe_only": ("describe only", _ablated(_describe_only)),
     "k4": ("k = 4 soft tokens per embedding", _ablated(_k4)),
     "default": ("configs/default.py: k = 4, without the word-concept task", lambda c: None),
+    "edit_pair": ("the default with edit-pair concept vectors", _edit_pair),
 }
 
 _VARIANT = flags.DEFINE_enum("variant", None, list(VARIANTS), "The variant to train and evaluate.")

@@ -54,6 +54,12 @@ def base_config() -> ml_collections.ConfigDict:
         embedding_noise=0.0,        # training input embeddings + N(0, (this x the train split's spread)^2) per
                                     # dimension, renormalised (ctELM's smoothness regulariser); 0 = off
     ))
+    c.concepts = ml_collections.ConfigDict(dict(
+        method="centroid",          # built-in concept vectors: 'centroid' (ctELM's: trials with the attribute minus
+                                    # without) or 'edit_pair' (half the mean difference of n_trials training trials
+                                    # rendered with the attribute edited each way, embedded; ctelm_jax/run/concepts.py)
+        n_trials=200,               # edit_pair: trials per concept (3 x 2 x 200 encoder passes, cached in the workdir)
+    ))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.rules = [list(r) for r in DEFAULT_RULES]
     c.stages = [

@@ -39,6 +39,9 @@ def _set(config, key: str, value) -> None:
     ({"model.attention": "flash"}, "model.attention='flash'; choose one of auto, xla, splash, cudnn"),
     ({"model.attention": "cudnn"}, "model.attention='cudnn' needs a 16-bit compute dtype, not model.dtype='float32'"),
     ({"model.loss_chunk": -128}, "model.loss_chunk=-128: must be >= 0 (0 = off / all); set --config.model.loss_chunk"),
+    ({"concepts.method": "pca"}, "concepts.method='pca': use one of centroid, edit_pair; set "
+                                 "--config.concepts.method=centroid or edit_pair"),
+    ({"concepts.n_trials": 1}, "concepts.n_trials=1: an edit-pair vector averages at least 2 trials"),
 ])
 def test_bad_value_is_named_with_its_fix(changes, message):
     config = tiny.get_config()

@@ -190,7 +190,7 @@ def evaluate_run(workdir: str | os.PathLike, sizes: EvalSizes = EvalSizes(), enc
     attributes = probes.attribute_accuracy(answers, attr_truths, majority)
     lap("attributes")
 
-    concepts, concepts_note = load_or_compute(workdir, train)
+    concepts, concepts_note = load_or_compute(workdir, train, config)
     lap("concept vectors")
     curve_concepts = [c for c in concepts.values() if c.name in probes.CURVE_SCORES]
     strengths = sorted({*map(float, sizes.strengths), 0.0})

@@ -1,32 +1,102 @@
 """A run's concept vectors: those saved in its workdir (`concepts.npz` + `concepts.json`), else the built-in concepts
 of its training split, computed once and saved with the run, so training's `offset` task, the evaluation and the
-explorer all move along the same vectors."""
+explorer all move along the same vectors.
+
+`concepts.method` picks how: `centroid` (ctELM's group centroids' difference) or `edit_pair` (half the mean
+difference of `concepts.n_trials` training trials' +1 and -1 edits, embedded with the run's encoder; the edited
+texts' embeddings are cached in `<workdir>/embeddings/concept_<name>_<plus|minus>_n<N>_seed<S>` and resume like the
+corpus embeddings)."""
 
 from __future__ import annotations
 
 import os
+import time
+from typing import Any
 
 import jax
+import ml_collections
 
-from ctelm_jax import concepts, fs
+from ctelm_jax import concepts, console, fs
+from ctelm_jax.data import render
+from ctelm_jax.data.embeddings import embed_corpus, embedding_paths, load_embeddings, load_encoder
+from ctelm_jax.errors import UserError
 from ctelm_jax.run.config import load_run_config
 from ctelm_jax.run.corpus import Split, load_splits
+from ctelm_jax.vectors import cosine_rows
+
+DEFAULTS = {"method": "centroid", "n_trials": 200}  # the `concepts` section of runs saved before it
 
 
-def compute(workdir: str | os.PathLike, train: Split | None = None) -> dict[str, concepts.Concept]:
-    """The built-in concepts of the run's training split (read from the run when not given), saved with the run by
-    process 0; a group no training trial falls in raises `concepts.define`'s ValueError."""
+def settings(config: ml_collections.ConfigDict | None) -> dict[str, Any]:
+    """The run's `concepts` section (method, n_trials) over DEFAULTS; None: DEFAULTS."""
+    given = dict(config.get("concepts") or {}) if config is not None else {}
+    return {**DEFAULTS, **given}
+
+
+def _edited_text(row: dict) -> str:
+    """The text of a row of edited trials (`embed_corpus`'s text function)."""
+    return row["text"]
+
+
+def edit_pair_builtins(workdir: str | os.PathLike, config: ml_collections.ConfigDict,
+                       train: Split) -> dict[str, concepts.Concept]:
+    """The built-in concepts as edit pairs of `concepts.n_trials` training trials (drawn with `data.seed`), each
+    with the cosine to its centroid vector in `stats`."""
+    if config.data.embeddings == "random":
+        raise UserError("concepts.method='edit_pair' embeds edited trial texts with the run's encoder, but the run "
+                        "trains on random embeddings (data.embeddings='random'); set "
+                        "--config.concepts.method=centroid.")
+    n, seed = int(settings(config)["n_trials"]), int(config.data.seed)
+    fields = concepts.as_fields(train.records)  # rendered once for the centroids and every edit
+    centroid = concepts.builtin(fields, train.embeddings)
+    encoder, clock, out = None, time.perf_counter(), {}
+    for name, (_, _, description) in concepts.BUILTIN.items():
+        picked, plus, minus = concepts.edit_pairs(
+            name, fields, lambda f, a, c=name: render.move_fields(f, c, a), n, seed)
+        embedded = []
+        for sign, texts in (("plus", plus), ("minus", minus)):
+            source = fs.as_path(workdir) / "embeddings" / f"concept_{name}_{sign}_n{n}_seed{seed}"
+            if not all(p.is_file() for p in embedding_paths(source)):
+                encoder = encoder or load_encoder(config.data.encoder)
+                rows = [{"nctid": train.records[i]["nctid"], "text": t} for i, t in zip(picked, texts)]
+                embed_corpus(rows, encoder, source, text_fn=_edited_text)
+            embedded.append(load_embeddings(source, expected_dim=int(config.model.domain_dim))[1])
+        c = concepts.from_edit_pairs(name, *embedded, f"{name} edit (render.move_fields +1 minus -1, halved); "
+                                     f"was: {description}")
+        to_centroid = float(cosine_rows(c.vector[None], centroid[name].vector[None])[0])
+        stats = {**c.stats, "cosine_to_centroid": to_centroid}
+        out[name] = concepts.Concept(c.name, c.vector, c.positive, c.negative, c.description, c.method, stats)
+    stability = ", ".join(f"{k} {c.stats['split_half_cosine']:.2f}" for k, c in out.items())
+    console.say(f"concept vectors: edit pairs of {n} training trials each, split-half cosine {stability} "
+                f"({time.perf_counter() - clock:.0f} s)")
+    return out
+
+
+def compute(workdir: str | os.PathLike, train: Split | None = None,
+            config: ml_collections.ConfigDict | None = None) -> dict[str, concepts.Concept]:
+    """The built-in concepts of the run's training split by `config`'s `concepts.method` (the run's config and split,
+    read from the workdir, when neither is given; a split without a config: centroid), saved with the run by
+    process 0. Too few trials in a group or an edit raise `concepts`' errors."""
     if train is None:
-        train = load_splits(load_run_config(workdir), workdir)["train"]
-    found = concepts.builtin(train.records, train.embeddings)
+        config = config or load_run_config(workdir)
+        train = load_splits(config, workdir)["train"]
+    if settings(config)["method"] == "edit_pair":
+        found = edit_pair_builtins(workdir, config, train)
+    else:
+        found = concepts.builtin(train.records, train.embeddings)
     if jax.process_index() == 0:
         concepts.save(workdir, found, source="train split")
     return found
 
 
-def load_or_compute(workdir: str | os.PathLike, train: Split | None = None) -> tuple[dict[str, concepts.Concept], str]:
-    """The run's concept vectors and a note saying where they came from: the saved ones, else `compute`'s."""
+def load_or_compute(workdir: str | os.PathLike, train: Split | None = None,
+                    config: ml_collections.ConfigDict | None = None) -> tuple[dict[str, concepts.Concept], str]:
+    """The run's concept vectors and a note saying where they came from and how they were made: the saved ones,
+    else `compute`'s."""
     workdir = fs.as_path(workdir)
     if concepts.saved(workdir):
-        return concepts.load(workdir), f"loaded from {workdir / concepts.NPZ}"
-    return compute(workdir, train), f"computed from the training split and saved to {workdir / concepts.NPZ}"
+        found, how = concepts.load(workdir), "loaded from"
+    else:
+        found, how = compute(workdir, train, config), "computed from the training split and saved to"
+    methods = sorted({c.method for c in found.values()})
+    return found, f"{how} {workdir / concepts.NPZ} (method: {', '.join(methods)})"

@@ -19,22 +19,26 @@ from ctelm_jax.train.curriculum import Curriculum, Stage
 from ctelm_jax.weights.tokenizer import Tokenizer
 
 
-def offset_vectors(curriculum: Curriculum, workdir: str | os.PathLike, train: Split) -> np.ndarray | None:
+def offset_vectors(curriculum: Curriculum, workdir: str | os.PathLike, train: Split,
+                   config: ml_collections.ConfigDict | None = None) -> np.ndarray | None:
     """The `offset` task's concept vectors (rows in `tasks.OFFSET_CONCEPTS` order), or None when no stage trains it:
-    those saved with the run (`<workdir>/concepts.npz`), else the built-in concepts of the training split, computed
-    and saved (process 0) at the start of the run, so the evaluation moves along the vectors the run learnt."""
+    those saved with the run (`<workdir>/concepts.npz`), else the built-in concepts of the training split by
+    `config`'s `concepts.method` (None: centroid), computed and saved (process 0) at the start of the run, so the
+    evaluation moves along the vectors the run learnt."""
     if not any("offset" in s.task_weights for s in curriculum.stages):  # the curriculum keeps weights > 0 only
         return None
     try:
-        found, _ = load_or_compute(workdir, train)
+        found, _ = load_or_compute(workdir, train, config)
+    except UserError:  # names its own fix
+        raise
     except ValueError as e:
         raise UserError(f"the offset task moves embeddings along concept vectors of the training split, and {e} "
                         "Train on more records (--config.data.max_records=0: all), or drop offset from the "
                         "stages' tasks.") from e
     missing = [name for name in tasks.OFFSET_CONCEPTS if name not in found]
     if missing:
-        raise ValueError(f"{fs.as_path(workdir) / concepts.NPZ} has no vector for {missing}; move it away so that the run "
-                         "computes the built-in concepts again.")
+        raise ValueError(f"{fs.as_path(workdir) / concepts.NPZ} has no vector for {missing}; move it away so that the "
+                         "run computes the built-in concepts again.")
     return np.stack([found[name].vector for name in tasks.OFFSET_CONCEPTS])
 
 

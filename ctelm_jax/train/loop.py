@@ -131,7 +131,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption: P
             data = load_splits(config, workdir)
             console.say(f"data: {', '.join(f'{len(s.records)} {n}' for n, s in data.items())} trials, "
                         f"{data['train'].embeddings.shape[1]}-d embeddings; log: {workdir / console.LOG_FILE}")
-            concept_vectors = inputs.offset_vectors(curriculum, workdir, data["train"])
+            concept_vectors = inputs.offset_vectors(curriculum, workdir, data["train"], config)
             # A resumed run restores the adapter statistics it started with over these.
             model = build_elm(config.model, tokenizer, constrain=constrainer(mesh, rules),
                               train_embeddings=data["train"].embeddings, mesh=mesh, rules=rules)

@@ -8,11 +8,13 @@ import math
 import jax
 import ml_collections
 
+from ctelm_jax.concepts import METHODS
 from ctelm_jax.errors import UserError, require_folder
 from ctelm_jax.models.attention import IMPLEMENTATIONS
 from ctelm_jax.parallel.mesh import MESH_AXES, resolve_mesh_shape
 from ctelm_jax.parallel.rules import as_rules, logical_to_spec
 from ctelm_jax.run.build import check_model_sources, decoder_config
+from ctelm_jax.run.concepts import settings
 from ctelm_jax.train.curriculum import Curriculum
 from ctelm_jax.train.precision import frozen_dtype
 
@@ -64,6 +66,13 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int | None = No
     if not math.isfinite(noise) or noise < 0:
         raise UserError(f"data.embedding_noise={noise}: must be a finite number >= 0 (a share of the training "
                         "embeddings' spread; 0 = off); set --config.data.embedding_noise, e.g. 0.1.")
+    concept_settings = settings(config)
+    if concept_settings["method"] not in METHODS:
+        raise UserError(f"concepts.method={concept_settings['method']!r}: use one of {', '.join(METHODS)}; set "
+                        "--config.concepts.method=centroid or edit_pair.")
+    if int(concept_settings["n_trials"]) < 2:
+        raise UserError(f"concepts.n_trials={concept_settings['n_trials']}: an edit-pair vector averages at least 2 "
+                        "trials (two halves for its stability); set --config.concepts.n_trials, e.g. 200.")
     seq_len = _value(config, "data.seq_len")
     max_positions = decoder_config(config.model).max_position_embeddings
     if seq_len > max_positions:
