@@ -186,6 +186,15 @@ def test_edit_pair_embeddings_are_cached_and_resume_after_a_kill(tmp_path, train
     assert all(np.array_equal(again[n].vector, want[n].vector) for n in concepts.BUILTIN)
     found, note = run_concepts.load_or_compute(tmp_path / "resumed")
     assert note.endswith("(method: edit_pair)") and found["sex"].stats == pytest.approx(want["sex"].stats)
+    # Another training split draws other trials: the cached sets of the old ones are embedded again, not reused.
+    other = FakeEncoder()
+    monkeypatch.setattr(run_concepts, "load_encoder", lambda name: other)
+    shifted = Split(train_split.records[300:], train_split.embeddings[300:])
+    moved = run_concepts.compute(tmp_path / "resumed", shifted, config)
+    assert other.calls == 6  # (the seeded draw over 900 trials shares no set with the draw over 1,200)
+    fresh_shifted = run_concepts.compute(tmp_path / "fresh_shifted", shifted, config)
+    assert all(np.array_equal(moved[n].vector, fresh_shifted[n].vector) for n in concepts.BUILTIN)
+    assert not np.array_equal(moved["sex"].vector, want["sex"].vector)
 
 
 def test_edit_pair_needs_the_runs_encoder(tmp_path, train_split):

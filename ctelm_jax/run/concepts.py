@@ -9,6 +9,7 @@ corpus embeddings)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Any
@@ -53,19 +54,19 @@ def edit_pair_builtins(workdir: str | os.PathLike, config: ml_collections.Config
     for name, (_, _, description) in concepts.BUILTIN.items():
         picked, plus, minus = concepts.edit_pairs(
             name, fields, lambda f, a, c=name: render.move_fields(f, c, a), n, seed)
-        embedded = []
+        ids, embedded = [train.records[i]["nctid"] for i in picked], []
         for sign, texts in (("plus", plus), ("minus", minus)):
             source = fs.as_path(workdir) / "embeddings" / f"concept_{name}_{sign}_n{n}_seed{seed}"
-            if not all(p.is_file() for p in embedding_paths(source)):
+            # A set of other trials (the training split changed since) is embedded again, in its place.
+            if not all(p.is_file() for p in embedding_paths(source)) or load_embeddings(source)[0] != ids:
                 encoder = encoder or load_encoder(config.data.encoder)
-                rows = [{"nctid": train.records[i]["nctid"], "text": t} for i, t in zip(picked, texts)]
-                embed_corpus(rows, encoder, source, text_fn=_edited_text)
+                embed_corpus([{"nctid": i, "text": t} for i, t in zip(ids, texts)], encoder, source,
+                             text_fn=_edited_text)
             embedded.append(load_embeddings(source, expected_dim=int(config.model.domain_dim))[1])
         c = concepts.from_edit_pairs(name, *embedded, f"{name} edit (render.move_fields +1 minus -1, halved); "
                                      f"was: {description}")
         to_centroid = float(cosine_rows(c.vector[None], centroid[name].vector[None])[0])
-        stats = {**c.stats, "cosine_to_centroid": to_centroid}
-        out[name] = concepts.Concept(c.name, c.vector, c.positive, c.negative, c.description, c.method, stats)
+        out[name] = dataclasses.replace(c, stats={**c.stats, "cosine_to_centroid": to_centroid})
     stability = ", ".join(f"{k} {c.stats['split_half_cosine']:.2f}" for k, c in out.items())
     console.say(f"concept vectors: edit pairs of {n} training trials each, split-half cosine {stability} "
                 f"({time.perf_counter() - clock:.0f} s)")
