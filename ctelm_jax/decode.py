@@ -36,8 +36,8 @@ import numpy as np
 from absl import app, flags, logging
 from etils import epath
 
-from ctelm_jax import concepts as concepts_lib, console
-from ctelm_jax import fs, prompts
+from ctelm_jax import concepts as concepts_lib
+from ctelm_jax import console, fs, prompts
 from ctelm_jax.data import render
 from ctelm_jax.errors import MissingInput, UserError, parse_floats
 from ctelm_jax.generate import SamplingConfig
