@@ -7,6 +7,7 @@ task).
     .venv/bin/python bench/ablation.py --variant=describe_only [--root=runs/ablation] [--embeddings=runs/default]
     .venv/bin/python bench/ablation.py --variant=default --reuse=runs/default  # evaluate a finished run of a variant
     .venv/bin/python bench/ablation.py --table                               # the markdown table of every variant
+    .venv/bin/python bench/ablation.py --pair=default,counterfactual         # B against A, paired over the trials
 
 Each variant's run is `<root>/<variant>` (or the `--reuse` run, left as it is); it reads the corpus embeddings of
 `--embeddings` (a run that has them, through `data.embeddings`) so that no variant spends the encoder's minutes again.
@@ -25,11 +26,13 @@ from pathlib import Path
 from typing import Callable
 
 import ml_collections
+import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from configs.default import get_config  # noqa: E402
+from ctelm_jax.eval import facts  # noqa: E402
 from ctelm_jax.eval.suite import EvalSizes, evaluate_run  # noqa: E402
 from ctelm_jax.train.loop import train  # noqa: E402
 
@@ -85,6 +88,15 @@ def _edit_pair(c: ml_collections.ConfigDict) -> None:
     c.concepts.method = "edit_pair"
 
 
+COUNTERFACTUAL_WEIGHTS = (0.25, 0.4, 0.15)  # per stage: beside describe 1.0 / 0.4 / 0.3
+
+
+def _counterfactual(c: ml_collections.ConfigDict) -> None:
+    _edit_pair(c)
+    for stage, weight in zip(c.stages, COUNTERFACTUAL_WEIGHTS):
+        stage["tasks"] = {**stage["tasks"], "counterfactual": weight}
+
+
 VARIANTS: dict[str, tuple[str, Callable[[ml_collections.ConfigDict], None]]] = {
     "full": ("full recipe, k = 1", _as_ablated),
     "no_offset": ("without concept-offset training", _ablated(_no_offset)),
@@ -95,6 +107,7 @@ VARIANTS: dict[str, tuple[str, Callable[[ml_collections.ConfigDict], None]]] = {
     "k4": ("k = 4 soft tokens per embedding", _ablated(_k4)),
     "default": ("configs/default.py: k = 4, without the word-concept task", lambda c: None),
     "edit_pair": ("the default with edit-pair concept vectors", _edit_pair),
+    "counterfactual": ("the default with edit-pair vectors and the counterfactual task", _counterfactual),
 }
 
 _VARIANT = flags.DEFINE_enum("variant", None, list(VARIANTS), "The variant to train and evaluate.")
@@ -102,6 +115,9 @@ _ROOT = flags.DEFINE_string("root", "runs/ablation", "Folder of the variants' ru
 _EMBEDDINGS = flags.DEFINE_string("embeddings", "runs/default", "A run whose embeddings/corpus the variants read.")
 _REUSE = flags.DEFINE_string("reuse", "", "A finished run of this variant's config to evaluate instead of training.")
 _TABLE = flags.DEFINE_bool("table", False, "Print the table of the evaluated variants and exit.")
+_PAIR = flags.DEFINE_list("pair", [], "Two evaluated variants, A,B: print B - A paired over the same trials and exit.")
+_N_TEST = flags.DEFINE_integer("n_test", 32, "Validation trials to describe.")
+_N_CONCEPT = flags.DEFINE_integer("n_concept", 24, "Validation trials per concept and strength.")
 
 
 def _net_push(curves: dict) -> float:
@@ -140,12 +156,70 @@ def table(root: Path) -> str:
     return "\n".join([head, *rows])
 
 
+def _mean_se(x: list[float]) -> str:
+    """'mean ± standard error'."""
+    a = np.asarray(x, np.float64)
+    return f"{a.mean():+.3f} ± {a.std(ddof=1) / math.sqrt(len(a)):.3f}"
+
+
+def _moved(curves: dict, concept: str) -> str:
+    """'-1: k/n, +1: k/n, specificity s' of one concept's curve; '-' without it."""
+    c = curves.get(concept)
+    if c is None:
+        return "-"
+    by_s = {r["strength"]: r for r in c["responsive"]}
+    return (f"{by_s[-1.0]['k']}/{by_s[-1.0]['n']} / {by_s[1.0]['k']}/{by_s[1.0]['n']} ({c['shape']}); "
+            f"specific {c['specificity']:.0%}")
+
+
+def paired(root: Path, a: str, b: str) -> str:
+    """Markdown of variant b against variant a on the same validation trials: per-trial differences (mean ± standard
+    error) of re-embed cosine and key facts, the describe Ages / Sex lines, attribute answers and concept moves."""
+    m = {v: json.loads((root / v / "eval" / "metrics.json").read_text()) for v in (a, b)}
+    samples = {v: [json.loads(line) for line in (root / v / "eval" / "samples.jsonl").read_text().splitlines()]
+               for v in (a, b)}
+    elm = {v: m[v]["describe"]["ELM"] for v in (a, b)}
+    ids = {v: [s["nctid"] for s in samples[v] if s["task"] == "describe" and s["system"] == "ELM"] for v in (a, b)}
+    if ids[a] != ids[b]:
+        raise SystemExit(f"{a} and {b} were evaluated on other trials; evaluate both with the same sizes.")
+    truths = [s["truth"] for s in samples[a] if s["task"] == "describe" and s["system"] == "ELM"]
+    texts = {v: [s["text"] for s in samples[v] if s["task"] == "describe" and s["system"] == "ELM"] for v in (a, b)}
+    keys = {v: [facts.score(t, truth)["key_facts"] for t, truth in zip(texts[v], truths)] for v in (a, b)}
+    lines = [f"Paired over the same {len(truths)} validation trials ({b} minus {a}, mean ± standard error): re-embed "
+             f"cosine {_mean_se(np.subtract(elm[b]['cosines'], elm[a]['cosines']).tolist())}, key facts "
+             f"{_mean_se(np.subtract(keys[b], keys[a]).tolist())}.", "",
+             "| | " + " | ".join((a, b)) + " |", "|---|---|---|"]
+
+    def row(name: str, cell: Callable[[str], str]) -> None:
+        lines.append(f"| {name} | " + " | ".join(cell(v) for v in (a, b)) + " |")
+
+    row("re-embed cosine", lambda v: f"{elm[v]['cosine']['mean']:.3f}")
+    row("key facts", lambda v: f"{elm[v]['facts']['key_facts']:.0%}")
+    row("well-formed", lambda v: f"{elm[v]['well_formed']:.0%}")
+    for line in ("ages", "sex"):
+        row(f"describe {line.capitalize()} line (neighbour / majority)", lambda v, line=line: "{ELM:.0%} ({nn:.0%} / "
+            "{majority:.0%})".format(nn=m[v]["describe_lines"][line]["nearest training neighbour"],
+                                     majority=m[v]["describe_lines"][line]["majority line"],
+                                     ELM=m[v]["describe_lines"][line]["ELM"]))
+        row(f"{line} answers exact (majority)", lambda v, line=line: (
+            f"{m[v]['attributes'][line]['exact']:.0%} ({m[v]['attributes'][line]['majority']:.0%})"))
+    for method in ("edit_pair", "centroid"):
+        for concept in ("age", "sex", "pediatric"):
+            row(f"{concept}, {method} vectors: moved with the push at -1 / +1",
+                lambda v, method=method, concept=concept: _moved(
+                    m[v]["concepts"].get("by_method", {}).get(method, {}).get("curves", {}), concept))
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> None:
     """Trains and evaluates one variant, or prints the table."""
     del argv
     root = Path(_ROOT.value)
     if _TABLE.value:
         print(table(root))
+        return
+    if _PAIR.value:
+        print(paired(root, *_PAIR.value))
         return
     if _VARIANT.value is None:
         raise app.UsageError("give --variant (one of " + ", ".join(VARIANTS) + ") or --table.")
@@ -159,7 +233,8 @@ def main(argv: list[str]) -> None:
         if summary["status"] != "finished":
             raise SystemExit(f"training {summary['status']} at step {summary.get('step')}; rerun to resume.")
     trained_s = time.time() - start
-    evaluate_run(workdir, EvalSizes(split="validation", rerank_candidates=0), out=root / _VARIANT.value / "eval")
+    evaluate_run(workdir, EvalSizes(split="validation", rerank_candidates=0, n_test=_N_TEST.value,
+                                    n_concept=_N_CONCEPT.value), out=root / _VARIANT.value / "eval")
     evaluated_s = time.time() - start - trained_s
     print(f"{_VARIANT.value}: trained in {trained_s / 60:.1f} min, evaluated in {evaluated_s / 60:.1f} min")
     print(table(root))

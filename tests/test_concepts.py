@@ -12,8 +12,11 @@ from ctelm_jax import concepts
 from ctelm_jax.data.corpus import load_records, split_of
 from ctelm_jax.run import concepts as run_concepts
 from ctelm_jax.run.corpus import Split
+from ctelm_jax.data import render, tasks
 from ctelm_jax.data.render import TrialFields
 from ctelm_jax.errors import UserError
+from ctelm_jax.train import inputs
+from ctelm_jax.train.curriculum import Curriculum
 
 BASE = TrialFields(nctid="", phase="phase 2", status="completed", conditions=("x",), interventions=("y",),
                    min_age=None, max_age=None, sex="all", inclusion=(), exclusion=())
@@ -213,3 +216,25 @@ def test_two_disjoint_halves_agree_on_the_shipped_corpus(tmp_path, train_split):
     for name, c in got.items():
         assert c.stats["split_half_cosine"] > 0.5, (name, c.stats)
         assert c.stats["mean_edit_norm"] > 0
+
+
+def test_counterfactual_inputs_are_the_edited_texts_embeddings(tmp_path, train_split, monkeypatch):
+    config = edit_pair_config(6)
+    config.stages[-1]["tasks"] = {**config.stages[-1]["tasks"], "counterfactual": 0.5}
+    curriculum = Curriculum(config.stages, list(config.data.tasks))
+    encoder = FakeEncoder()
+    monkeypatch.setattr(run_concepts, "load_encoder", lambda name: encoder)
+    edited = inputs.counterfactuals(curriculum, tmp_path, train_split, config)
+    assert encoder.calls == 6 and len(edited.rows) == 3 * 2 * 6
+    for concept in tasks.OFFSET_CONCEPTS:  # balanced: every picked trial once at +1 and once at -1
+        mine = [a for c, a in zip(edited.concepts, edited.strengths) if c == concept]
+        assert sorted(mine) == [-1.0] * 6 + [1.0] * 6
+    texts = [render.render_fields(render.move_fields(render.fields(train_split.records[i]), c, float(a)))
+             for i, c, a in zip(edited.rows, edited.concepts, edited.strengths)]
+    assert np.array_equal(edited.embeddings, FakeEncoder().encode(texts))
+    monkeypatch.setattr(run_concepts, "load_encoder", lambda name: pytest.fail("the cached sets were embedded again"))
+    again = inputs.counterfactuals(curriculum, tmp_path, train_split, config)
+    assert np.array_equal(again.embeddings, edited.embeddings)
+    config.stages[-1]["tasks"].pop("counterfactual")
+    assert inputs.counterfactuals(Curriculum(config.stages, list(config.data.tasks)), tmp_path, train_split,
+                                  config) is None

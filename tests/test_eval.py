@@ -1,5 +1,6 @@
 """Evaluation metrics and probes on toy inputs, the decode CLI's input checks, the whole evaluation on a tiny run."""
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -7,9 +8,11 @@ import re
 import numpy as np
 import pytest
 
-from ctelm_jax import decode, prompts, vectors
-from ctelm_jax.eval import facts, metrics, probes, report
+from ctelm_jax import concepts, decode, prompts, vectors
+from ctelm_jax.data.corpus import load_records, split_of
+from ctelm_jax.eval import facts, metrics, probes, report, suite
 from ctelm_jax.eval.suite import EvalSizes, evaluate_run
+from ctelm_jax.run.corpus import Split
 from conftest import write_step0_run
 
 TEXT = ("Phase: phase 2\nConditions: asthma\nInterventions: salbutamol\nAges: {ages}\nSex: {sex}\n"
@@ -136,7 +139,7 @@ def test_specificity_counts_moves_that_keep_phase_conditions_and_interventions()
     assert c["specificity"] == pytest.approx((2 / 4 + 1 / 4) / 2)
     assert probes.identity("garbage") is None and probes.identity(base) == probes.identity(trial_text("60 years and older"))
     assert "Specificity, phase, conditions and interventions as at strength 0" in report._concept_table(
-        {"curves": {"age": c}, "definitions": {"age": {"description": "d", "positive": 1, "negative": 1}}}, "test")
+        {"age": c}, {"age": {"description": "d", "positive": 1, "negative": 1}}, "test")
 
 
 def test_concept_plot_with_a_full_share(tmp_path):
@@ -221,6 +224,14 @@ def test_evaluate_run_end_to_end(tiny_run, tmp_path):
     assert results["describe"]["ELM"]["cosine"]["n"] == 4
     assert set(results["attributes"]) == set(probes.EVAL_ATTRIBUTES)
     assert [r["strength"] for r in results["concepts"]["curves"]["sex"]["curve"]] == [-1.0, 0.0, 1.0]
+    # Random embeddings: the run's centroid vectors alone, and the report says why the edit pairs are missing.
+    assert list(results["concepts"]["by_method"]) == ["centroid"] and results["concepts"]["method"] == "centroid"
+    assert results["concepts"]["other"].startswith("edit_pair vectors not compared: ")
+    assert "### centroid vectors (the run's)" in markdown and "(edit_pair vectors not compared: " in markdown
+    for line in ("ages", "sex"):  # the describe lines: each system's facts, and the majority line's share
+        row = results["describe_lines"][line]
+        assert row["ELM"] == results["describe"]["ELM"]["facts"][line] and 0 <= row["majority line"] <= 1
+    assert re.search(r"^\| sex \| \d+% \| .* \| \d+% \|$", markdown, re.M)
     assert set(results["novel"]) == {"gaussian", "midpoint"}
     assert "| ELM (step 3) |" in markdown
     for name, row in results["describe"].items():
@@ -324,3 +335,14 @@ def test_run_without_concepts_says_how_to_make_them(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="no concept vectors"):
         concepts.load(tmp_path)
+
+
+def test_an_edit_pair_runs_curves_are_set_beside_the_centroid_vectors():
+    records = [r for r in load_records() if split_of(r["nctid"]) == "train"][:1200]  # every centroid group has trials
+    e = np.random.default_rng(0).standard_normal((len(records), 16)).astype(np.float32)
+    train = Split(records, e / np.linalg.norm(e, axis=1, keepdims=True))
+    centroid = concepts.builtin(train.records, train.embeddings)
+    run_vectors = {n: dataclasses.replace(c, method="edit_pair") for n, c in centroid.items()}
+    sets, note = suite._vector_sets(run_vectors, None, None, train)
+    assert list(sets) == ["edit_pair", "centroid"] and note == "centroid vectors compared beside them"
+    assert all(np.array_equal(sets["centroid"][n].vector, c.vector) for n, c in centroid.items())

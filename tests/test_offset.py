@@ -214,3 +214,46 @@ def test_a_tiny_run_trains_the_offset_task_with_noise(tmp_path):
     offset = [r["loss/offset"] for r in rows if "loss/offset" in r]
     assert len(offset) >= 3 and np.isfinite(offset).all()  # stage 2's 4 steps (a step without one has no row)
     assert np.isfinite(rows[-1]["val/offset"])
+
+
+def _edited(records, n=6):
+    """Hand-made counterfactuals: records 0..n-1 moved along each concept in turn, +1 and -1 alternating."""
+    concepts_ = tuple(tasks.OFFSET_CONCEPTS[r % 3] for r in range(n))
+    e = np.random.default_rng(2).normal(size=(n, D)).astype(np.float32)
+    return tasks.Counterfactuals(np.arange(n), concepts_, np.asarray([1.0, -1.0] * (n // 2)),
+                                 e / np.linalg.norm(e, axis=1, keepdims=True))
+
+
+def test_a_counterfactual_example_reads_the_edited_embedding_and_writes_the_edited_trial(records, tokenizer):
+    edited, forms = _edited(records), set()
+    for index in range(60):
+        ex = tasks.make_example("counterfactual", records, index, np.random.default_rng(index), tokenizer, 2048,
+                                counterfactuals=edited)
+        (row,) = ex["embedding_indices"].tolist()
+        r = row - len(records)  # the edited trial's embedding follows the corpus table
+        assert 0 <= r < len(edited.rows) and ex["embedding_concepts"].tolist() == [0]
+        moved = render.move_fields(render.fields(records[int(edited.rows[r])]), edited.concepts[r],
+                                   float(edited.strengths[r]))
+        target = tokenizer.decode(ex["tokens"][1:][ex["loss_mask"][:-1] == 1].tolist()[:-1])
+        attribute = "sex" if edited.concepts[r] == "sex" else "ages"
+        assert target in (render.render_fields(moved), tasks.attribute_answer(moved, attribute))
+        forms.add(target == render.render_fields(moved))
+    assert forms == {True, False}  # both the edited text and the short answers are trained
+    with pytest.raises(ValueError, match="needs the run's edited trials"):
+        tasks.make_example("counterfactual", records, 0, np.random.default_rng(0), tokenizer, 2048)
+
+
+def test_counterfactual_batches_hold_the_edited_embeddings(records, tokenizer):
+    table = np.random.default_rng(0).normal(size=(len(records), D)).astype(np.float32)
+    table /= np.linalg.norm(table, axis=1, keepdims=True)
+    edited = _edited(records)
+    kw = dict(process_index=0, process_count=1, embedding_dim=D, counterfactuals=edited)
+    batch = next(pipeline.make_pipeline(records, table, tokenizer, {"counterfactual": 1.0}, SEQ, BATCH, 0, E, **kw))
+    slots = batch["embeddings"][np.abs(batch["embeddings"]).sum(-1) > 0]
+    assert len(slots) >= BATCH
+    assert all(any(np.array_equal(x, e) for e in edited.embeddings) for x in slots)  # never a corpus row
+    with pytest.raises(ValueError, match="counterfactual task needs the edited training trials"):
+        pipeline.make_pipeline(records, table, tokenizer, {"counterfactual": 1.0}, SEQ, BATCH, 0, E,
+                               **(kw | {"counterfactuals": None}))
+    with pytest.raises(ValueError, match="made for another split or encoder"):
+        pipeline.make_pipeline(records[:3], table[:3], tokenizer, {"counterfactual": 1.0}, SEQ, BATCH, 0, E, **kw)

@@ -53,8 +53,10 @@ class _MakeExample(grain.transforms.RandomMap):
     """Record index -> packed-ready example of a task drawn by weight (None when skipped)."""
 
     def __init__(self, records: Sequence[Mapping], tokenizer: Tokenizer, tasks_weights: Mapping[str, float],
-                 seq_len: int, dim: int, noise_std: float = 0.0, stop: threading.Event | None = None):
+                 seq_len: int, dim: int, noise_std: float = 0.0, stop: threading.Event | None = None,
+                 counterfactuals: tasks.Counterfactuals | None = None):
         self.records, self.tokenizer, self.seq_len, self.stop = records, tokenizer, seq_len, stop
+        self.counterfactuals = counterfactuals
         self.dim, self.noise_std = dim, noise_std
         self.names = list(tasks_weights)
         self.probabilities = _task_probabilities(tasks_weights)
@@ -66,7 +68,7 @@ class _MakeExample(grain.transforms.RandomMap):
             raise Stopped()
         task_id = int(rng.choice(len(self.names), p=self.probabilities))
         example = tasks.make_example(self.names[task_id], self.records, int(index), rng, self.tokenizer, self.seq_len,
-                                     self.stats)
+                                     self.stats, self.counterfactuals)
         if self.stats:  # a warning once examples are skipped; truncated targets are only logged
             level = logging.WARNING if set(self.stats) - {"truncated"} else logging.INFO
             logging.log_every_n_seconds(level, "pipeline: %s", 600, dict(self.stats))
@@ -137,12 +139,14 @@ def make_dataset(records: Sequence[Mapping], embeddings: np.ndarray, tokenizer: 
                  tasks_weights: Mapping[str, float], seq_len: int, batch_size: int, seed: int,
                  max_embeddings_per_row: int, *, embedding_dim: int | None = None, process_index: int | None = None,
                  process_count: int | None = None, read_threads: int = 0, concept_vectors: np.ndarray | None = None,
-                 noise_std: float = 0.0, stop: threading.Event | None = None) -> grain.IterDataset:
+                 noise_std: float = 0.0, stop: threading.Event | None = None,
+                 counterfactuals: tasks.Counterfactuals | None = None) -> grain.IterDataset:
     """The infinite dataset of this host's batches (see the module docstring); `batch_size` is the global batch,
     `read_threads` grain threads build examples (0: in the calling thread, ~400k tokens/s on one CPU core);
-    `concept_vectors` (one row per `tasks.OFFSET_CONCEPTS`) feed the `offset` task; `noise_std` is the standard
-    deviation of the noise added to every input embedding per dimension (0: none); once `stop` is set, building an
-    example raises Stopped."""
+    `concept_vectors` (one row per `tasks.OFFSET_CONCEPTS`) feed the `offset` task, `counterfactuals` (edited
+    trials of `records`, their embeddings appended to the table) the `counterfactual` task; `noise_std` is the
+    standard deviation of the noise added to every input embedding per dimension (0: none); once `stop` is set,
+    building an example raises Stopped."""
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     if batch_size % process_count:
@@ -164,12 +168,21 @@ def make_dataset(records: Sequence[Mapping], embeddings: np.ndarray, tokenizer: 
                              f"dimension, shape {expected}, got {got}; compute them with `concepts.builtin` on the "
                              "training split.")
         concept_vectors = np.asarray(concept_vectors, np.float32)
+    if tasks_weights.get("counterfactual", 0) > 0:
+        if counterfactuals is None:
+            raise ValueError("the counterfactual task needs the edited training trials and their embeddings "
+                             "(`tasks.Counterfactuals`, from `run.concepts.edit_embeddings`); none were given.")
+        if counterfactuals.embeddings.shape[1:] != table.shape[1:] or int(np.max(counterfactuals.rows)) >= len(records):
+            raise ValueError(f"counterfactuals of {counterfactuals.embeddings.shape[1:]}-d embeddings of records up "
+                             f"to {int(np.max(counterfactuals.rows))} do not fit {len(records)} records of "
+                             f"{table.shape[1:]}-d embeddings: they were made for another split or encoder.")
+        table = np.concatenate([table, np.asarray(counterfactuals.embeddings, np.float32)])
     if not (np.isfinite(noise_std) and noise_std >= 0):
         raise ValueError(f"noise_std={noise_std}: the embedding noise must be a finite standard deviation >= 0.")
     local_batch = batch_size // process_count
     examples = (grain.MapDataset.range(len(records)).shuffle(seed=seed).repeat()
-                .random_map(_MakeExample(records, tokenizer, tasks_weights, seq_len, table.shape[1], noise_std, stop),
-                            seed=seed)
+                .random_map(_MakeExample(records, tokenizer, tasks_weights, seq_len, table.shape[1], noise_std, stop,
+                                         counterfactuals), seed=seed)
                 [process_index::process_count])
     lengths = {"tokens": seq_len, "loss_mask": seq_len, "task_ids": seq_len, "pool_mask": seq_len,
                **dict.fromkeys(("embedding_indices", "target_indices", "embedding_concepts", "embedding_strengths"),
@@ -186,7 +199,8 @@ def make_pipeline(records: Sequence[Mapping], embeddings: np.ndarray, tokenizer:
                   tasks_weights: Mapping[str, float], seq_len: int, batch_size: int, seed: int,
                   max_embeddings_per_row: int, *, embedding_dim: int | None = None, process_index: int | None = None,
                   process_count: int | None = None, read_threads: int = 0, concept_vectors: np.ndarray | None = None,
-                  noise_std: float = 0.0, prefetch: int = 0) -> grain.DatasetIterator:
+                  noise_std: float = 0.0, prefetch: int = 0,
+                  counterfactuals: tasks.Counterfactuals | None = None) -> grain.DatasetIterator:
     """An iterator of this host's batches (dicts of `BATCH_KEYS` numpy arrays with fixed shapes, `batch_spec`);
     `get_state()` / `set_state()` save and restore its position (JSON-serializable). With `prefetch`, a background
     thread keeps that many batches ready (`Prefetched`)."""
@@ -194,7 +208,8 @@ def make_pipeline(records: Sequence[Mapping], embeddings: np.ndarray, tokenizer:
     batches = iter(make_dataset(records, embeddings, tokenizer, tasks_weights, seq_len, batch_size, seed,
                                 max_embeddings_per_row, embedding_dim=embedding_dim, process_index=process_index,
                                 process_count=process_count, read_threads=read_threads,
-                                concept_vectors=concept_vectors, noise_std=noise_std, stop=stop))
+                                concept_vectors=concept_vectors, noise_std=noise_std, stop=stop,
+                                counterfactuals=counterfactuals))
     return Prefetched(batches, prefetch, stop) if prefetch else batches
 
 

@@ -18,6 +18,10 @@ Tasks (`TASKS`):
   embed        the trial's canonical text (no placeholder) -> its embedding: no target tokens; the hidden states
                over the text (`pool_mask`) feed the embedding-prediction head (`models.embed_head`), the trial's
                embedding row is the target (`target_indices`)
+  counterfactual  the embedding of a training trial's text with its ages, sex or pediatric status edited
+               (`Counterfactuals`: `render.move_fields` at +1 or -1, embedded by the run's encoder) -> the edited
+               text under a `describe` instruction, or, half of the time, the answer to an ages / sex question about
+               it: balanced examples of what the concept moves decode, on real embeddings of the edited texts
 
 Tokens are `prompt + target + [end-of-turn]`, where the prompt is the chat template up to and including the
 assistant header (`encode_prompt`, which generation must use too). `loss_mask[t] = 1` means `tokens[t + 1]` is a
@@ -35,12 +39,35 @@ import numpy as np
 from ctelm_jax.data import render
 from ctelm_jax.weights.tokenizer import Tokenizer
 
-TASKS: tuple[str, ...] = ("describe", "attributes", "compare", "concept", "eligibility", "offset", "embed")
+TASKS: tuple[str, ...] = ("describe", "attributes", "compare", "concept", "eligibility", "offset", "embed",
+                          "counterfactual")
 ATTRIBUTES: tuple[str, ...] = ("phase", "conditions", "interventions", "ages", "sex", "status")
 ELIGIBILITY_MAX_CHARS = 1200
 OFFSET_CONCEPTS: tuple[str, ...] = ("age", "pediatric", "sex")  # the `offset` task's concept ids 1, 2, 3 (0: none)
 OFFSET_RANGE = 1.0
 _E = "{E}"  # stands for one embedding's placeholder tokens (`Tokenizer.slot`) in instruction templates
+
+
+@dataclasses.dataclass(frozen=True)
+class Counterfactuals:
+    """Edited training trials for the `counterfactual` task: row r is record `rows[r]` moved along concept
+    `concepts[r]` (a name in OFFSET_CONCEPTS) at `strengths[r]` (`render.move_fields`), and `embeddings[r]` is the
+    encoder's embedding of that edited trial's canonical text. The pipeline appends the embeddings to the corpus
+    table, so row r is embedding row len(records) + r."""
+
+    rows: np.ndarray  # int (M,)
+    concepts: tuple[str, ...]  # (M,)
+    strengths: np.ndarray  # float (M,)
+    embeddings: np.ndarray  # float32 (M, D)
+
+    def __post_init__(self):
+        m = len(self.rows)
+        if not (len(self.concepts) == len(self.strengths) == len(self.embeddings) == m) or m == 0:
+            raise ValueError(f"counterfactuals: {m} rows, {len(self.concepts)} concepts, {len(self.strengths)} "
+                             f"strengths and {len(self.embeddings)} embeddings; they must be as many, at least 1.")
+        unknown = set(self.concepts) - set(OFFSET_CONCEPTS)
+        if unknown:
+            raise ValueError(f"counterfactuals: unknown concept(s) {sorted(unknown)}; known: {OFFSET_CONCEPTS}")
 
 
 class Example(TypedDict):
@@ -279,6 +306,19 @@ def _eligibility(view: _View, i: int, rng: np.random.Generator) -> tuple[str, st
     return _pick(_ELIGIBILITY, rng), eligibility_text(view.fields(i)), [i]
 
 
+def _counterfactual(view: _View, counterfactuals: Counterfactuals,
+                    rng: np.random.Generator) -> tuple[str, str, list[int]]:
+    """A drawn edited trial (embedding row len(records) + r) -> its text, or an ages / sex answer about it."""
+    r = int(rng.integers(len(counterfactuals.rows)))
+    concept = counterfactuals.concepts[r]
+    f = render.move_fields(view.fields(int(counterfactuals.rows[r])), concept, float(counterfactuals.strengths[r]))
+    row = [len(view.records) + r]
+    if rng.random() < 0.5:
+        return _pick(_DESCRIBE, rng), render.render_fields(f), row
+    attribute = "sex" if concept == "sex" else "ages"
+    return _pick(_QUESTIONS[attribute], rng), attribute_answer(f, attribute), row
+
+
 def offset_move(rng: np.random.Generator) -> tuple[int, float]:
     """(concept id, 1-based in OFFSET_CONCEPTS; strength uniform in [-OFFSET_RANGE, OFFSET_RANGE]) of an `offset`
     example."""
@@ -296,19 +336,26 @@ _BUILDERS: dict[str, Callable[[_View, int, np.random.Generator], tuple[str, str,
     "eligibility": _eligibility, "offset": lambda view, i, rng: _offset(view, i, rng)[:3]}
 
 
-def make_text(task: str, records: Sequence[Mapping], index: int,
-              rng: np.random.Generator) -> tuple[str, str, list[int]]:
+def make_text(task: str, records: Sequence[Mapping], index: int, rng: np.random.Generator,
+              counterfactuals: Counterfactuals | None = None) -> tuple[str, str, list[int]]:
     """(instruction with {E} marking each placeholder, target text, embedding rows) of one task example (`offset`:
-    the move of its one embedding is drawn too, and left out here; `make_example` keeps it)."""
+    the move of its one embedding is drawn too, and left out here; `make_example` keeps it; `counterfactual` draws
+    one of `counterfactuals`, whatever `index`)."""
+    if task == "counterfactual":
+        if counterfactuals is None:
+            raise ValueError("the counterfactual task needs the run's edited trials (`Counterfactuals`).")
+        return _counterfactual(_view(records), counterfactuals, rng)
     if task not in _BUILDERS:
         raise ValueError(f"unknown task {task!r}; known: {TASKS}")
     return _BUILDERS[task](_view(records), index, rng)
 
 
 def make_example(task: str, records: Sequence[Mapping], index: int, rng: np.random.Generator, tokenizer: Tokenizer,
-                 max_len: int, stats: collections.Counter | None = None) -> Example | None:
-    """The tokenized `task` example built around record `index`; a target too long for `max_len` is cut (counted in
-    `stats["truncated"]`), an example whose prompt leaves no room for a target is None (`stats["skipped: ..."]`)."""
+                 max_len: int, stats: collections.Counter | None = None,
+                 counterfactuals: Counterfactuals | None = None) -> Example | None:
+    """The tokenized `task` example built around record `index` (`counterfactual`: around a drawn row of
+    `counterfactuals`); a target too long for `max_len` is cut (counted in `stats["truncated"]`), an example whose
+    prompt leaves no room for a target is None (`stats["skipped: ..."]`)."""
     none = np.zeros(0, np.int32)
     if task == "embed":
         tokens, pool_mask = embed_prompt(tokenizer, render.render_fields(_view(records).fields(index)), max_len)
@@ -324,7 +371,7 @@ def make_example(task: str, records: Sequence[Mapping], index: int, rng: np.rand
         instruction, target, rows, concept, strength = _offset(_view(records), index, rng)
         concepts, strengths = np.asarray([concept], np.int32), np.asarray([strength], np.float32)
     else:
-        instruction, target, rows = make_text(task, records, index, rng)
+        instruction, target, rows = make_text(task, records, index, rng, counterfactuals)
         concepts, strengths = np.zeros(len(rows), np.int32), np.zeros(len(rows), np.float32)
     instruction = instruction.replace(_E, tokenizer.slot)
     target = target.replace(tokenizer.placeholder, " ")

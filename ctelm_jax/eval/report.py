@@ -101,10 +101,19 @@ def _attribute_table(attributes: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def _concept_table(concepts: dict[str, Any], split: str) -> str:
+def lines_table(results: dict[str, Any]) -> str:
+    """The describe texts' Ages and Sex lines right, per system and for always writing the majority line."""
+    lines_ = results["describe_lines"]
+    systems = list(lines_["sex"])
+    out = ["| line | " + " | ".join(systems) + " |", "|---" * (len(systems) + 1) + "|"]
+    out += [f"| {line} | " + " | ".join(f"{row[s]:.0%}" for s in systems) + " |" for line, row in lines_.items()]
+    return "\n".join(out)
+
+
+def _concept_table(curves: dict[str, Any], definitions: dict[str, Any], split: str) -> str:
     lines = []
-    for name, c in concepts["curves"].items():
-        d = concepts["definitions"][name]
+    for name, c in curves.items():
+        d = definitions[name]
         moved = "; ".join(f"{r['strength']:+.2f}: {r['k']}/{r['n']} = {_share_ci(r['share'], r['ci'])}"
                           for r in c["responsive"])
         kept = "; ".join(f"{r['strength']:+.2f}: {_share_ci(r['specific'], r['specific_ci'])}" for r in c["responsive"])
@@ -208,6 +217,9 @@ def markdown(results: dict[str, Any], cosine_png: bool, concepts_png: bool) -> s
               "normalised). Ages ±5 y: each bound within 5 years (an open bound matches only an open one). Logic: of "
               "the true criteria items the text states (token F1 >= 0.5), the share under the right heading "
               "(inclusion vs exclusion), pooled over trials (items found).", ""]
+    if results.get("describe_lines"):
+        parts += ["Ages and Sex lines of the describe texts right, beside writing the training split's most common "
+                  "line for every trial:", "", lines_table(results), ""]
     parts += [f"## Attributes ({sizes['n_attribute']} trials, `attributes` task prompts)", "",
               _attribute_table(results["attributes"]), "",
               "Exact: the answer is the canonical value of the field. Right field line: also counts answers written "
@@ -217,8 +229,14 @@ def markdown(results: dict[str, Any], cosine_png: bool, concepts_png: bool) -> s
               "and renormalised, then described. Age score: midpoint of the decoded age range (open ends 0 and 100 "
               "years); sex score: women +1, all 0, men -1; toward/away: the score moved in/against the concept's "
               "direction compared with strength 0; net = toward - away (monotone: net never decreases with strength). "
-              "Moved with the push: toward the concept at a positive strength, away from it at a negative one.", "",
-              _concept_table(results["concepts"], results["split"])]
+              "Moved with the push: toward the concept at a positive strength, away from it at a negative one.", ""]
+    by_method = results["concepts"].get("by_method") or {
+        "run's": {"curves": results["concepts"]["curves"], "definitions": results["concepts"]["definitions"]}}
+    for method, found in by_method.items():
+        parts += [f"### {method} vectors" + (" (the run's)" if method == results["concepts"].get("method") else ""),
+                  "", _concept_table(found["curves"], found["definitions"], results["split"])]
+    if results["concepts"].get("other"):
+        parts += [f"({results['concepts']['other']}.)", ""]
     if concepts_png:
         parts += [f"![concept curves]({CONCEPTS_PNG})", ""]
     if results.get("embed_prediction"):

@@ -35,7 +35,7 @@ from ctelm_jax.eval import facts, metrics, probes, report
 from ctelm_jax.parallel.rules import as_rules, constrainer
 from ctelm_jax.rerank import Encode, RerankConfig, rerank
 from ctelm_jax.run.build import build_elm
-from ctelm_jax.run.concepts import load_or_compute
+from ctelm_jax.run.concepts import edit_pair_builtins, load_or_compute
 from ctelm_jax.run.config import load_run_config
 from ctelm_jax.run.corpus import load_splits, run_encoder
 from ctelm_jax.run.trained import load_trained, run_mesh
@@ -84,6 +84,35 @@ class EvalSizes:
 def _pick(n_total: int, n: int, rng: np.random.Generator) -> np.ndarray:
     """n distinct indices (all if fewer), in random order."""
     return rng.permutation(n_total)[: min(n, n_total)]
+
+
+def _vector_sets(run_vectors: dict[str, concepts_lib.Concept], workdir: Any, config: Any,
+                 train: Any) -> tuple[dict[str, dict[str, concepts_lib.Concept]], str]:
+    """{method: built-in concept vectors}, the run's own first, and the other method's beside them (edit pairs are
+    embedded once and cached in the workdir), with a note saying why the other set is missing where it is."""
+    method = next(iter({c.method for c in run_vectors.values()}))
+    out = {method: run_vectors}
+    other = next(m for m in concepts_lib.METHODS if m != method)
+    try:
+        if other == "centroid":
+            out[other] = concepts_lib.builtin(train.records, train.embeddings)
+        else:
+            out[other] = edit_pair_builtins(workdir, config, train)
+    except (UserError, ValueError) as e:
+        return out, f"{other} vectors not compared: {e}"
+    return out, f"{other} vectors compared beside them"
+
+
+def _line_accuracy(systems: dict[str, Any], truths: list[render.TrialFields],
+                   majority: dict[str, str]) -> dict[str, dict[str, float]]:
+    """The describe texts' Ages and Sex lines: share right for each system, and for always writing the training
+    split's majority line."""
+    out = {}
+    for line in ("ages", "sex"):
+        row = {name: float(system["facts"][line]) for name, system in systems.items()}
+        row["majority line"] = float(np.mean([attribute_answer(f, line) == majority[line] for f in truths]))
+        out[line] = row
+    return out
 
 
 def evaluate_run(workdir: str | os.PathLike, sizes: EvalSizes = EvalSizes(), encode: Encode | None = None,
@@ -191,21 +220,24 @@ def evaluate_run(workdir: str | os.PathLike, sizes: EvalSizes = EvalSizes(), enc
     lap("attributes")
 
     concepts, concepts_note = load_or_compute(workdir, train, config)
+    vector_sets, other_note = _vector_sets(concepts, workdir, config, train)
     lap("concept vectors")
-    curve_concepts = [c for c in concepts.values() if c.name in probes.CURVE_SCORES]
     strengths = sorted({*map(float, sizes.strengths), 0.0})
     concept_rows = _pick(len(held_out.records), sizes.n_concept, np.random.default_rng(sizes.seed + 3))
     base = held_out.embeddings[concept_rows]
     concept_cfg = prompts.sampling_config(tokenizer, sizes.concept_max_new_tokens, sizes.batch_size,
                                           repetition_penalty=sizes.repetition_penalty,
                                           no_repeat_ngram_size=sizes.no_repeat_ngram_size)
-    jobs_c = [(c.name, s) for c in curve_concepts for s in strengths if s != 0.0] + [("", 0.0)]
-    moved = [concepts_lib.apply(base, concepts[c].vector, s) if c else base for c, s in jobs_c]
+    jobs_c = [(method, c.name, s) for method, found in vector_sets.items() for c in found.values()
+              if c.name in probes.CURVE_SCORES for s in strengths if s != 0.0] + [("", "", 0.0)]
+    moved = [concepts_lib.apply(base, vector_sets[m][c].vector, s) if c else base for m, c, s in jobs_c]
     decoded = prompts.decode_texts(model, tokenizer, [describe] * (len(jobs_c) * len(base)),
                                    [v[None] for m in moved for v in m], concept_cfg)
     by_job = {job: decoded[k * len(base):(k + 1) * len(base)] for k, job in enumerate(jobs_c)}
-    curves = {c.name: probes.concept_curve(c.name, strengths, {s: by_job[(c.name, s) if s else ("", 0.0)]
-                                                               for s in strengths}) for c in curve_concepts}
+    curves_by = {m: {c.name: probes.concept_curve(c.name, strengths, {s: by_job[(m, c.name, s) if s else ("", "", 0.0)]
+                                                                      for s in strengths})
+                     for c in found.values() if c.name in probes.CURVE_SCORES} for m, found in vector_sets.items()}
+    run_method = next(iter(vector_sets))
     lap("concept curves")
 
     novel_rng = np.random.default_rng(sizes.seed + 4)
@@ -226,17 +258,24 @@ def evaluate_run(workdir: str | os.PathLike, sizes: EvalSizes = EvalSizes(), enc
     results = {
         "workdir": str(workdir), "step": trained_step, "split": sizes.split, "sizes": dataclasses.asdict(sizes),
         "encoder": encoder_note, "describe": systems, "rerank": rerank_info, "attributes": attributes, "concepts": {
-            "source": concepts_note, "definitions": {c.name: {"description": c.description, "positive": c.positive,
-                                                              "negative": c.negative} for c in concepts.values()},
-            "curves": curves},
+            "source": concepts_note, "method": run_method, "other": other_note,
+            "definitions": {c.name: {"description": c.description, "positive": c.positive, "negative": c.negative}
+                            for c in concepts.values()},
+            "curves": curves_by[run_method], "by_method": {
+                m: {"curves": curves, "definitions": {c.name: {"description": c.description, "positive": c.positive,
+                                                               "negative": c.negative, "stats": c.stats}
+                                                      for c in vector_sets[m].values()}}
+                for m, curves in curves_by.items()}},
+        "describe_lines": _line_accuracy(systems, [render.fields(r) for r in records], majority),
         "novel": novel, "embed_prediction": embed_prediction, "timings_s": timings,
     }
     samples = [{"task": "describe", "system": name, "nctid": r["nctid"], "text": t, "truth": truth}
                for name, ts in texts.items() for r, t, truth in zip(records, ts, truths)]
     samples += [{"task": "attributes", "attribute": a, "nctid": held_out.records[attr_rows[i]]["nctid"],
                  "text": t, "truth": attr_truths[a][i]} for (a, i), t in zip(jobs, answers_flat)]
-    samples += [{"task": "concept", "concept": c, "strength": s, "nctid": held_out.records[concept_rows[i]]["nctid"],
-                 "text": t} for (c, s), ts in by_job.items() for i, t in enumerate(ts)]
+    samples += [{"task": "concept", "vectors": m or None, "concept": c, "strength": s,
+                 "nctid": held_out.records[concept_rows[i]]["nctid"], "text": t}
+                for (m, c, s), ts in by_job.items() for i, t in enumerate(ts)]
     samples += [{"task": "novel", "kind": "gaussian" if k < len(gauss) else "midpoint",
                  "pair": None if k < len(gauss) else [train_ids[j] for j in pairs[k - len(gauss)]], "text": t}
                 for k, t in enumerate(novel_texts)]

@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 
 from ctelm_jax import concepts, console, fs
 from ctelm_jax.data import render
@@ -39,37 +40,59 @@ def _edited_text(row: dict) -> str:
     return row["text"]
 
 
-def edit_pair_builtins(workdir: str | os.PathLike, config: ml_collections.ConfigDict,
-                       train: Split) -> dict[str, concepts.Concept]:
-    """The built-in concepts as edit pairs of `concepts.n_trials` training trials (drawn with `data.seed`), each
-    with the cosine to its centroid vector in `stats`."""
+@dataclasses.dataclass(frozen=True)
+class EditPairs:
+    """One concept's edited training trials: split rows `rows`, and the encoder's embeddings of their canonical texts
+    moved to +1 (`plus`) and -1 (`minus`) along the concept (`render.move_fields`)."""
+
+    rows: list[int]
+    plus: np.ndarray
+    minus: np.ndarray
+
+
+def edit_embeddings(workdir: str | os.PathLike, config: ml_collections.ConfigDict,
+                    train: Split) -> dict[str, EditPairs]:
+    """Per built-in concept, the edit pairs of `concepts.n_trials` training trials (drawn with `data.seed`), embedded
+    with the run's encoder once and cached in `<workdir>/embeddings` (resumable; a set of other trials is embedded
+    again in its place)."""
     if config.data.embeddings == "random":
-        raise UserError("concepts.method='edit_pair' embeds edited trial texts with the run's encoder, but the run "
-                        "trains on random embeddings (data.embeddings='random'); set "
-                        "--config.concepts.method=centroid.")
+        raise UserError("edit-pair concept vectors and the counterfactual task embed edited trial texts with the "
+                        "run's encoder, but the run trains on random embeddings (data.embeddings='random'); set "
+                        "--config.concepts.method=centroid and leave counterfactual out of the stages' tasks.")
     n, seed = int(settings(config)["n_trials"]), int(config.data.seed)
-    fields = concepts.as_fields(train.records)  # rendered once for the centroids and every edit
-    centroid = concepts.builtin(fields, train.embeddings)
+    fields = concepts.as_fields(train.records)  # rendered once for every edit
     encoder, clock, out = None, time.perf_counter(), {}
-    for name, (_, _, description) in concepts.BUILTIN.items():
+    for name in concepts.BUILTIN:
         picked, plus, minus = concepts.edit_pairs(
             name, fields, lambda f, a, c=name: render.move_fields(f, c, a), n, seed)
         ids, embedded = [train.records[i]["nctid"] for i in picked], []
         for sign, texts in (("plus", plus), ("minus", minus)):
             source = fs.as_path(workdir) / "embeddings" / f"concept_{name}_{sign}_n{n}_seed{seed}"
-            # A set of other trials (the training split changed since) is embedded again, in its place.
             if not all(p.is_file() for p in embedding_paths(source)) or load_embeddings(source)[0] != ids:
                 encoder = encoder or load_encoder(config.data.encoder)
                 embed_corpus([{"nctid": i, "text": t} for i, t in zip(ids, texts)], encoder, source,
                              text_fn=_edited_text)
             embedded.append(load_embeddings(source, expected_dim=int(config.model.domain_dim))[1])
-        c = concepts.from_edit_pairs(name, *embedded, f"{name} edit (render.move_fields +1 minus -1, halved); "
-                                     f"was: {description}")
+        out[name] = EditPairs(picked, *embedded)
+    if encoder is not None:
+        console.say(f"edited trials: {n} per concept and sign embedded in {time.perf_counter() - clock:.0f} s")
+    return out
+
+
+def edit_pair_builtins(workdir: str | os.PathLike, config: ml_collections.ConfigDict,
+                       train: Split) -> dict[str, concepts.Concept]:
+    """The built-in concepts as edit pairs of `concepts.n_trials` training trials (`edit_embeddings`), each with the
+    cosine to its centroid vector in `stats`."""
+    centroid = concepts.builtin(train.records, train.embeddings)
+    out = {}
+    for name, pairs in edit_embeddings(workdir, config, train).items():
+        c = concepts.from_edit_pairs(name, pairs.plus, pairs.minus, f"{name} edit (render.move_fields +1 minus -1, "
+                                     f"halved); was: {concepts.BUILTIN[name][2]}")
         to_centroid = float(cosine_rows(c.vector[None], centroid[name].vector[None])[0])
         out[name] = dataclasses.replace(c, stats={**c.stats, "cosine_to_centroid": to_centroid})
     stability = ", ".join(f"{k} {c.stats['split_half_cosine']:.2f}" for k, c in out.items())
-    console.say(f"concept vectors: edit pairs of {n} training trials each, split-half cosine {stability} "
-                f"({time.perf_counter() - clock:.0f} s)")
+    console.say(f"concept vectors: edit pairs of {settings(config)['n_trials']} training trials each, split-half "
+                f"cosine {stability}")
     return out
 
 

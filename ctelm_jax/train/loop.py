@@ -132,6 +132,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption: P
             console.say(f"data: {', '.join(f'{len(s.records)} {n}' for n, s in data.items())} trials, "
                         f"{data['train'].embeddings.shape[1]}-d embeddings; log: {workdir / console.LOG_FILE}")
             concept_vectors = inputs.offset_vectors(curriculum, workdir, data["train"], config)
+            edited = inputs.counterfactuals(curriculum, workdir, data["train"], config)
             # A resumed run restores the adapter statistics it started with over these.
             model = build_elm(config.model, tokenizer, constrain=constrainer(mesh, rules),
                               train_embeddings=data["train"].embeddings, mesh=mesh, rules=rules)
@@ -195,7 +196,8 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption: P
             train_step = built.step
             with preemption.droppable():
                 batches = inputs.train_batches(config, data["train"], tokenizer, stage,
-                                               seed=int(config.data.seed) + index, concept_vectors=concept_vectors)
+                                               seed=int(config.data.seed) + index, concept_vectors=concept_vectors,
+                                               edited=edited)
                 if resuming and data_state is not None and step > start:
                     batches.set_state(data_state)
             flops_per_step = train_flops_per_token(dcfg, seq_len, "decoder" in stage.trainable) * global_batch * seq_len
