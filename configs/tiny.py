@@ -25,6 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
         dict(name="multitask", steps=4, trainable=("adapter", "lora"),
              tasks={"describe": 0.5, "attributes": 0.25, "compare": 0.25}, learning_rate=1e-2),
     ]
+    c.concepts.n_trials = 8  # edit pairs (a run with real embeddings, or its evaluation beside centroids): 48 texts
     c.checkpoint.every_steps = 2
     c.checkpoint.async_save = False
     c.eval.every_steps = 4
