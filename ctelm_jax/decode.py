@@ -16,6 +16,12 @@
 default) and N - 1 sampled at `--rerank_temperature` / `--rerank_top_p` from `--seed`, re-embeds them with the run's
 encoder and keeps the one closest to the input vector (`rerank`); each result carries its cosine and candidate index.
 
+`--draft=neighbour|greedy --rounds=R` (describe, interpolate, concept) revises a draft R times toward each input vector
+(`revise`; the run must have trained the `revise` task): the nearest training trial (never the input trial itself),
+or the greedy describe text; each round re-embeds the last text with the run's encoder. The kept text is the round
+closest to the vector; each result carries every round's cosine and the draft's, and the draft is a candidate only
+with `--keep_draft`.
+
 `--mode=embed` goes the other way: the run's ELM predicts each of `--texts`' encoder embedding (text -> vector, its
 embedding-prediction head), printed with its cosine to the encoder's embedding where the encoder is available, and
 with `--out`, saved as an (n, d) .npy.
@@ -39,15 +45,18 @@ from etils import epath
 from ctelm_jax import concepts as concepts_lib
 from ctelm_jax import console, fs, prompts
 from ctelm_jax.data import render
+from ctelm_jax.data.embeddings import embedding_paths
 from ctelm_jax.errors import MissingInput, UserError, parse_floats
 from ctelm_jax.generate import SamplingConfig
 from ctelm_jax.models.elm import ELM
 from ctelm_jax.models.quantize import QUANTIZE_MODES, quantize_elm
-from ctelm_jax.rerank import Encode, RerankConfig, rerank
+from ctelm_jax.rerank import Encode, RerankConfig, input_vectors, rerank
+from ctelm_jax.revise import DRAFTS, MAX_ROUNDS, check_rounds, revise
 from ctelm_jax.run.config import load_run_config
 from ctelm_jax.run.corpus import load_splits, run_encoder
 from ctelm_jax.run.trained import load_trained
 from ctelm_jax.text_embedding import embed_texts
+from ctelm_jax.vectors import nearest_neighbours
 from ctelm_jax.weights.tokenizer import Tokenizer
 
 MODES = ("describe", "compare", "ask", "interpolate", "concept", "embed")
@@ -196,10 +205,40 @@ def decode_jobs(model: ELM, tokenizer: Tokenizer, jobs: Sequence[Job], config: S
     return out
 
 
+def revise_jobs(model: ELM, tokenizer: Tokenizer, jobs: Sequence[Job], config: SamplingConfig, encode: Encode,
+                draft: str, rounds: int, keep_draft: bool = False,
+                pool: tuple[Sequence[str], Sequence[str], np.ndarray] | None = None) -> list[dict[str, Any]]:
+    """Revises a draft of every job's text `rounds` times (`revise`): `neighbour` drafts are the nearest text of
+    `pool` (ids, texts, embeddings; never the job's own id), `greedy` drafts the jobs' greedy decodes. One result
+    dict per job as `decode_jobs`', with the draft, its cosine, every round's cosine and the kept round."""
+    targets = input_vectors([j.vectors for j in jobs])
+    if draft == "neighbour":
+        if pool is None:
+            raise ValueError("neighbour drafts need the pool of corpus texts and embeddings.")
+        ids, texts, embeddings = pool
+        nearest = nearest_neighbours(targets, embeddings, [j.inputs[0] for j in jobs], ids)
+        drafts, draft_vectors = [texts[i] for i in nearest], np.asarray(embeddings)[nearest]
+        sources = [ids[i] for i in nearest]
+    else:
+        drafts = prompts.decode_texts(model, tokenizer, [j.prompt for j in jobs], [j.vectors for j in jobs], config)
+        draft_vectors, sources = np.asarray(encode(drafts)), ["greedy"] * len(jobs)
+    revised = revise(model, tokenizer, targets, drafts, draft_vectors, config, encode, rounds, keep_draft)
+    out = []
+    for i, (job, text) in enumerate(zip(jobs, revised.texts)):
+        parsed = render.parse_text(text)
+        out.append({"inputs": list(job.inputs), **job.setting, "prompt": tokenizer.decode(job.prompt, False),
+                    "text": text, "fields": None if parsed is None else dataclasses.asdict(parsed),
+                    "draft": drafts[i], "draft_source": sources[i],
+                    "draft_cosine": round(float(revised.draft_cosines[i]), 4),
+                    "round_cosines": [round(float(c), 4) for c in revised.cosines[:, i]],
+                    "round": int(revised.chosen[i]), "cosine": round(float(revised.chosen_cosines[i]), 4)})
+    return out
+
+
 def readable(mode: str, result: dict[str, Any]) -> str:
     """A result as a short header line and its text."""
-    setting = ", ".join(f"{k}={result[k]}" for k in ("question", "t", "concept", "strength", "candidate", "cosine")
-                        if k in result)
+    setting = ", ".join(f"{k}={result[k]}" for k in ("question", "t", "concept", "strength", "candidate", "round",
+                                                     "draft_source", "draft_cosine", "cosine") if k in result)
     return f"=== {mode}: {' + '.join(result['inputs'])}{f' ({setting})' if setting else ''}\n{result['text']}\n"
 
 
@@ -228,6 +267,11 @@ def define_flags() -> None:
     flags.DEFINE_float("rerank_temperature", 0.7, "--rerank: sampling temperature of the candidates after the first.")
     flags.DEFINE_float("rerank_top_p", 1.0, "--rerank: nucleus sampling mass of the candidates after the first "
                        "(1: off; below 1 sorts the vocabulary at every step, slow on CPU).")
+    flags.DEFINE_enum("draft", "none", DRAFTS, "describe / interpolate / concept: revise a draft toward each vector "
+                      "(`revise` task): the nearest training trial (neighbour) or the greedy text (greedy); none: off.")
+    flags.DEFINE_integer("rounds", 2, f"--draft: revision rounds, 1 to {MAX_ROUNDS}; the closest round is kept.")
+    flags.DEFINE_bool("keep_draft", False, "--draft: the draft itself may be kept when it is closest (the result "
+                      "says round=0).")
     flags.DEFINE_enum("quantize", "none", QUANTIZE_MODES,
                       "Weight-only quantisation for decoding: int8 holds the decoder's matrices as int8 with one scale "
                       "per output channel (a quarter of float32's bytes).")
@@ -254,6 +298,18 @@ def _input_vectors(f: flags.FlagValues, workdir: epath.Path, config: Any, tokeni
     return vectors_from_nctids(f.nctids, ids, embeddings, f"{workdir}'s corpus")
 
 
+def _draft_pool(workdir: epath.Path) -> tuple[list[str], list[str], np.ndarray]:
+    """(ids, canonical texts, embeddings) of the run's training trials, the pool of neighbour drafts; a UserError
+    when the run has no corpus embeddings (they are not computed here)."""
+    config = load_run_config(workdir)
+    source = config.data.embeddings or workdir / "embeddings" / "corpus"
+    if not all(fs.as_path(p).is_file() for p in embedding_paths(source)):
+        raise UserError(f"--draft=neighbour drafts from the run's corpus embeddings, and {source} has none; pass "
+                        "--draft=greedy, or embed the corpus first (python -m ctelm_jax.embed).")
+    train = load_splits(config, workdir)["train"]
+    return [r["nctid"] for r in train.records], [render.render_text(r) for r in train.records], train.embeddings
+
+
 def main(argv: list[str]) -> None:
     """Runs `decode` with the parsed flags."""
     del argv
@@ -265,12 +321,25 @@ def decode(f: flags.FlagValues) -> None:
     workdir = fs.as_path(f.workdir)
     strengths = parse_floats("--strengths", f.strengths)
     options = rerank_config(f.mode, f.rerank, f.rerank_temperature, f.rerank_top_p, f.seed)
-    # The encoder (to embed --texts, to re-rank), checked before the model is loaded.
-    wants_encoder = f.mode != "embed" and (bool(f.texts) or options is not None)
+    drafting = f.draft != "none"
+    if drafting:
+        check_rounds(f.rounds, f.draft)
+        if f.mode not in RERANK_MODES:
+            raise UserError(f"--draft={f.draft} revises a text toward the one vector it describes: "
+                            f"--mode={'/'.join(RERANK_MODES)}, not --mode={f.mode}; pass --draft=none.")
+        if options is not None:
+            raise UserError(f"--draft={f.draft} and --rerank={f.rerank} both choose among texts; pass one of them "
+                            "(--rerank=0 or --draft=none).")
+    # The encoder (to embed --texts, to re-rank or revise), checked before the model is loaded.
+    wants_encoder = f.mode != "embed" and (bool(f.texts) or options is not None or drafting)
     encoder = run_encoder(load_run_config(workdir)) if wants_encoder else (None, "")
     if options is not None and encoder[0] is None:
         raise UserError(f"--rerank={f.rerank} re-embeds the candidates with the run's encoder, but {encoder[1]}; "
                         "pass --rerank=0.")
+    if drafting and encoder[0] is None:
+        raise UserError(f"--draft={f.draft} re-embeds every round's text with the run's encoder, but {encoder[1]}; "
+                        "pass --draft=none.")
+    pool = _draft_pool(workdir) if f.draft == "neighbour" else None
     concept = None
     if f.mode == "concept":
         saved = concepts_lib.load(workdir)
@@ -287,7 +356,10 @@ def decode(f: flags.FlagValues) -> None:
                      strengths=strengths, concept=concept)
     config_s = prompts.sampling_config(tokenizer, f.max_new_tokens, f.batch_size, f.temperature, f.top_p,
                                        f.repetition_penalty, f.no_repeat_ngram_size)
-    results = decode_jobs(model, tokenizer, jobs, config_s, f.seed, options, encoder[0])
+    if drafting:
+        results = revise_jobs(model, tokenizer, jobs, config_s, encoder[0], f.draft, f.rounds, f.keep_draft, pool)
+    else:
+        results = decode_jobs(model, tokenizer, jobs, config_s, f.seed, options, encoder[0])
     for r in results:
         print(readable(f.mode, r))
     if f.out:

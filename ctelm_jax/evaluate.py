@@ -37,6 +37,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("rerank_candidates", d.rerank_candidates,
                          "Candidates of the re-ranked describe row: the greedy text and n - 1 sampled ones, the one "
                          "closest to its embedding when re-embedded kept (0 or 1: no such row).")
+    flags.DEFINE_integer("revise_rounds", d.revise_rounds,
+                         "Revision rounds of the neighbour-draft and greedy-draft describe rows, for runs that train "
+                         "the revise task (0: no such rows).")
     flags.DEFINE_enum("split", d.split, ["test", "validation"], "Held-out split.")
     flags.DEFINE_integer("seed", d.seed, "Seed of the trial and vector samples.")
 
@@ -50,7 +53,7 @@ def main(argv: list[str]) -> None:
         attribute_max_new_tokens=f.attribute_max_new_tokens, n_concept=f.n_concept,
         concept_max_new_tokens=f.concept_max_new_tokens, strengths=tuple(parse_floats("--strengths", f.strengths)),
         n_novel=f.n_novel, repetition_penalty=f.repetition_penalty, no_repeat_ngram_size=f.no_repeat_ngram_size,
-        rerank_candidates=f.rerank_candidates, split=f.split, seed=f.seed)
+        rerank_candidates=f.rerank_candidates, revise_rounds=f.revise_rounds, split=f.split, seed=f.seed)
     print(evaluate_run(f.workdir, sizes, step=f.step, out=f.out))
 
 

@@ -46,6 +46,12 @@ def compare_prompt(tokenizer: Tokenizer) -> list[int]:
     return instruction_prompt(tokenizer, tasks._COMPARE[0])
 
 
+def revise_prompt(tokenizer: Tokenizer, draft: str) -> list[int]:
+    """The `revise` prompt around a draft text (two embeddings: the draft's, then the target's)."""
+    instruction = tasks.revise_instruction(draft.replace(tokenizer.placeholder, " "))
+    return tasks.encode_prompt(tokenizer, instruction.replace(MARKER, tokenizer.slot))
+
+
 def slots(tokenizer: Tokenizer, prompt: list[int]) -> int:
     """How many embeddings `prompt` takes (k placeholders each)."""
     return sum(1 for t in prompt if t == tokenizer.placeholder_id) // tokenizer.tokens_per_embedding

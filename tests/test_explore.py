@@ -3,6 +3,7 @@ in headless Chromium (Debian `chromium` + `chromium-driver`, installed by `make 
 
 import dataclasses
 import json
+import re
 import shutil
 import struct
 
@@ -128,6 +129,7 @@ def test_page_in_a_browser(tiny_run):
     summary = explore_run(tiny_run, sizes, pairs=[pair], concept_nctids=[moved])
     out = tiny_run / "explore"
     assert f"{len(ids)} trials" in summary and "region labels:" in summary
+    assert re.search(r"^Concept vectors (loaded from|computed from) .*\(method: centroid\)\.$", summary, re.M)
     assert png_size(out / "map.png")[0] > 500
     saved = json.loads((out / "summary.json").read_text())
     concepts = ["age", "pediatric", "sex", "phase3"]

@@ -16,7 +16,7 @@ LAYERS = (
     ("weights",),  # weight formats and tokenizers, to and from the models
     ("encoders",),  # the frozen sentence encoder
     ("data", "concepts", "vectors"),  # records -> text -> embeddings -> examples -> batches; vector operations
-    ("generate", "prompts", "rerank", "text_embedding"),  # decoding, shared by decode, eval and explore
+    ("generate", "prompts", "rerank", "revise", "text_embedding"),  # decoding, shared by decode, eval and explore
     ("run",),  # what a workdir holds (config, splits, concept vectors, checkpoints, trained model, exports); the
     #            composition root that builds an ELM from a config
     ("train", "eval", "decode", "export", "hf"),  # what writes or reads a run

@@ -153,7 +153,8 @@ def flags_for(tiny_run, npy, out, **changes):
         "workdir": str(tiny_run), "step": None, "mode": "describe", "texts": [], "npy": str(npy), "nctids": None,
         "question": "", "steps": 3, "concept": "", "strengths": [], "out": str(out), "max_new_tokens": 6,
         "temperature": 0.0, "top_p": 1.0, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "batch_size": 4,
-        "seed": 0, "quantize": "none", "rerank": 3, "rerank_temperature": 0.7, "rerank_top_p": 1.0, **changes})
+        "seed": 0, "quantize": "none", "rerank": 3, "rerank_temperature": 0.7, "rerank_top_p": 1.0, "draft": "none",
+        "rounds": 2, "keep_draft": False, **changes})
 
 
 def test_decode_with_rerank_end_to_end(tiny_run, tmp_path, monkeypatch, capsys):

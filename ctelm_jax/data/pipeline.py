@@ -27,11 +27,12 @@ from absl import logging
 from ctelm_jax import concepts
 from ctelm_jax.data import tasks
 from ctelm_jax.data.embeddings import check_embeddings
+from ctelm_jax.vectors import nearest_neighbours
 from ctelm_jax.weights.tokenizer import Tokenizer
 
 BATCH_KEYS: tuple[str, ...] = ("tokens", "targets", "loss_mask", "segment_ids", "positions", "embeddings", "task_ids",
                                "pool_ids", "embed_targets")
-_EMBEDDINGS_PER_TASK = {"compare": 2, "embed": 0}
+_EMBEDDINGS_PER_TASK = {"compare": 2, "revise": 2, "embed": 0}
 
 
 def _task_probabilities(tasks_weights: Mapping[str, float]) -> np.ndarray:
@@ -54,9 +55,9 @@ class _MakeExample(grain.transforms.RandomMap):
 
     def __init__(self, records: Sequence[Mapping], tokenizer: Tokenizer, tasks_weights: Mapping[str, float],
                  seq_len: int, dim: int, noise_std: float = 0.0, stop: threading.Event | None = None,
-                 counterfactuals: tasks.Counterfactuals | None = None):
+                 counterfactuals: tasks.Counterfactuals | None = None, drafts: np.ndarray | None = None):
         self.records, self.tokenizer, self.seq_len, self.stop = records, tokenizer, seq_len, stop
-        self.counterfactuals = counterfactuals
+        self.counterfactuals, self.drafts = counterfactuals, drafts
         self.dim, self.noise_std = dim, noise_std
         self.names = list(tasks_weights)
         self.probabilities = _task_probabilities(tasks_weights)
@@ -68,7 +69,7 @@ class _MakeExample(grain.transforms.RandomMap):
             raise Stopped()
         task_id = int(rng.choice(len(self.names), p=self.probabilities))
         example = tasks.make_example(self.names[task_id], self.records, int(index), rng, self.tokenizer, self.seq_len,
-                                     self.stats, self.counterfactuals)
+                                     self.stats, self.counterfactuals, self.drafts)
         if self.stats:  # a warning once examples are skipped; truncated targets are only logged
             level = logging.WARNING if set(self.stats) - {"truncated"} else logging.INFO
             logging.log_every_n_seconds(level, "pipeline: %s", 600, dict(self.stats))
@@ -144,9 +145,9 @@ def make_dataset(records: Sequence[Mapping], embeddings: np.ndarray, tokenizer: 
     """The infinite dataset of this host's batches (see the module docstring); `batch_size` is the global batch,
     `read_threads` grain threads build examples (0: in the calling thread, ~400k tokens/s on one CPU core);
     `concept_vectors` (one row per `tasks.OFFSET_CONCEPTS`) feed the `offset` task, `counterfactuals` (edited
-    trials of `records`, their embeddings appended to the table) the `counterfactual` task; `noise_std` is the
-    standard deviation of the noise added to every input embedding per dimension (0: none); once `stop` is set,
-    building an example raises Stopped."""
+    trials of `records`, their embeddings appended to the table) the `counterfactual` task, and each record's nearest
+    other record is its draft in the `revise` task; `noise_std` is the standard deviation of the noise added to every
+    input embedding per dimension (0: none); once `stop` is set, building an example raises Stopped."""
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     if batch_size % process_count:
@@ -177,12 +178,16 @@ def make_dataset(records: Sequence[Mapping], embeddings: np.ndarray, tokenizer: 
                              f"to {int(np.max(counterfactuals.rows))} do not fit {len(records)} records of "
                              f"{table.shape[1:]}-d embeddings: they were made for another split or encoder.")
         table = np.concatenate([table, np.asarray(counterfactuals.embeddings, np.float32)])
+    drafts = None
+    if tasks_weights.get("revise", 0) > 0:  # each record's draft: its nearest other record
+        ids = [r["nctid"] for r in records]
+        drafts = nearest_neighbours(table[:len(records)], table[:len(records)], ids, ids)
     if not (np.isfinite(noise_std) and noise_std >= 0):
         raise ValueError(f"noise_std={noise_std}: the embedding noise must be a finite standard deviation >= 0.")
     local_batch = batch_size // process_count
     examples = (grain.MapDataset.range(len(records)).shuffle(seed=seed).repeat()
                 .random_map(_MakeExample(records, tokenizer, tasks_weights, seq_len, table.shape[1], noise_std, stop,
-                                         counterfactuals), seed=seed)
+                                         counterfactuals, drafts), seed=seed)
                 [process_index::process_count])
     lengths = {"tokens": seq_len, "loss_mask": seq_len, "task_ids": seq_len, "pool_mask": seq_len,
                **dict.fromkeys(("embedding_indices", "target_indices", "embedding_concepts", "embedding_strengths"),

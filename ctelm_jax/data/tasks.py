@@ -18,6 +18,10 @@ Tasks (`TASKS`):
   embed        the trial's canonical text (no placeholder) -> its embedding: no target tokens; the hidden states
                over the text (`pool_mask`) feed the embedding-prediction head (`models.embed_head`), the trial's
                embedding row is the target (`target_indices`)
+  revise       a draft trial (its embedding and its key lines, `draft_text`) and the target embedding -> the target
+               trial's canonical text: a correction step (vec2text's, retrieve-and-edit's); training drafts are each
+               trial's nearest other training trial (`Drafts`), decoding drafts the nearest corpus trial or the
+               model's own text (`ctelm_jax.revise`)
   counterfactual  the embedding of a training trial's text with its ages, sex or pediatric status edited
                (`Counterfactuals`: `render.move_fields` at +1 or -1, embedded by the run's encoder) -> the edited
                text under a `describe` instruction, or, half of the time, the answer to an ages / sex question about
@@ -40,11 +44,12 @@ from ctelm_jax.data import render
 from ctelm_jax.weights.tokenizer import Tokenizer
 
 TASKS: tuple[str, ...] = ("describe", "attributes", "compare", "concept", "eligibility", "offset", "embed",
-                          "counterfactual")
+                          "counterfactual", "revise")
 ATTRIBUTES: tuple[str, ...] = ("phase", "conditions", "interventions", "ages", "sex", "status")
 ELIGIBILITY_MAX_CHARS = 1200
 OFFSET_CONCEPTS: tuple[str, ...] = ("age", "pediatric", "sex")  # the `offset` task's concept ids 1, 2, 3 (0: none)
 OFFSET_RANGE = 1.0
+DRAFT_MAX_CHARS = 400  # the key lines of 99% of canonical texts; ~50-90 tokens
 _E = "{E}"  # stands for one embedding's placeholder tokens (`Tokenizer.slot`) in instruction templates
 
 
@@ -215,6 +220,8 @@ CONCEPT_WORDS = {"older patients": "older patients", "children": "children", "wo
 _CONCEPT_ADD = ("Rewrite the trial {E} so that it enrolls only {c}.", "Change the trial {E} to enroll only {c}.")
 _CONCEPT_REMOVE = ("Rewrite the trial {E} so that it no longer enrolls only {c}.",
                    "Change the trial {E} so that it is not limited to {c}.")
+_REVISE = ("Revise the draft trial {E} into the trial {E}. Draft:\n{D}",
+           "Edit this draft of trial {E} until it describes the trial {E}. Draft:\n{D}")
 _ELIGIBILITY = ("List the eligibility criteria of the trial {E}.", "Who can take part in the trial {E}? Give the "
                 "full eligibility criteria.")
 
@@ -265,6 +272,19 @@ def eligibility_text(f: render.TrialFields, max_chars: int = ELIGIBILITY_MAX_CHA
     while len(text()) > max_chars and (inclusion or exclusion):
         (inclusion if len(inclusion) > len(exclusion) else exclusion).pop()
     return text()
+
+
+def draft_text(text: str) -> str:
+    """A draft as the `revise` prompt shows it: the text's lines but its criteria (Inclusion / Exclusion), i.e. the key
+    facts, cut to DRAFT_MAX_CHARS characters."""
+    lines = [line for line in text.replace(_E, " ").splitlines() if not line.startswith(("Inclusion:", "Exclusion:"))]
+    return "\n".join(lines)[:DRAFT_MAX_CHARS].strip()
+
+
+def revise_instruction(draft: str, variant: int = 0) -> str:
+    """The `revise` instruction around a draft text (its `draft_text` shown), {E} marking the draft's embedding, then
+    the target's."""
+    return _REVISE[variant].replace("{D}", draft_text(draft))
 
 
 def _pick(options: Sequence[str], rng: np.random.Generator) -> str:
@@ -319,6 +339,13 @@ def _counterfactual(view: _View, counterfactuals: Counterfactuals,
     return _pick(_QUESTIONS[attribute], rng), attribute_answer(f, attribute), row
 
 
+def _revise(view: _View, i: int, drafts: np.ndarray, rng: np.random.Generator) -> tuple[str, str, list[int]]:
+    """Trial i's draft (row drafts[i], its nearest other trial) and its own embedding -> trial i's text."""
+    j = int(drafts[i])
+    instruction = revise_instruction(render.render_fields(view.fields(j)), int(rng.integers(len(_REVISE))))
+    return instruction, render.render_fields(view.fields(i)), [j, i]
+
+
 def offset_move(rng: np.random.Generator) -> tuple[int, float]:
     """(concept id, 1-based in OFFSET_CONCEPTS; strength uniform in [-OFFSET_RANGE, OFFSET_RANGE]) of an `offset`
     example."""
@@ -337,14 +364,20 @@ _BUILDERS: dict[str, Callable[[_View, int, np.random.Generator], tuple[str, str,
 
 
 def make_text(task: str, records: Sequence[Mapping], index: int, rng: np.random.Generator,
-              counterfactuals: Counterfactuals | None = None) -> tuple[str, str, list[int]]:
+              counterfactuals: Counterfactuals | None = None,
+              drafts: np.ndarray | None = None) -> tuple[str, str, list[int]]:
     """(instruction with {E} marking each placeholder, target text, embedding rows) of one task example (`offset`:
     the move of its one embedding is drawn too, and left out here; `make_example` keeps it; `counterfactual` draws
-    one of `counterfactuals`, whatever `index`)."""
+    one of `counterfactuals`, whatever `index`; `revise` drafts record `index` from record `drafts[index]`)."""
     if task == "counterfactual":
         if counterfactuals is None:
             raise ValueError("the counterfactual task needs the run's edited trials (`Counterfactuals`).")
         return _counterfactual(_view(records), counterfactuals, rng)
+    if task == "revise":
+        if drafts is None or len(drafts) != len(records):
+            raise ValueError("the revise task needs each record's draft row (its nearest other record), one per "
+                             "record.")
+        return _revise(_view(records), index, drafts, rng)
     if task not in _BUILDERS:
         raise ValueError(f"unknown task {task!r}; known: {TASKS}")
     return _BUILDERS[task](_view(records), index, rng)
@@ -352,7 +385,7 @@ def make_text(task: str, records: Sequence[Mapping], index: int, rng: np.random.
 
 def make_example(task: str, records: Sequence[Mapping], index: int, rng: np.random.Generator, tokenizer: Tokenizer,
                  max_len: int, stats: collections.Counter | None = None,
-                 counterfactuals: Counterfactuals | None = None) -> Example | None:
+                 counterfactuals: Counterfactuals | None = None, drafts: np.ndarray | None = None) -> Example | None:
     """The tokenized `task` example built around record `index` (`counterfactual`: around a drawn row of
     `counterfactuals`); a target too long for `max_len` is cut (counted in `stats["truncated"]`), an example whose
     prompt leaves no room for a target is None (`stats["skipped: ..."]`)."""
@@ -371,9 +404,9 @@ def make_example(task: str, records: Sequence[Mapping], index: int, rng: np.rand
         instruction, target, rows, concept, strength = _offset(_view(records), index, rng)
         concepts, strengths = np.asarray([concept], np.int32), np.asarray([strength], np.float32)
     else:
-        instruction, target, rows = make_text(task, records, index, rng, counterfactuals)
+        instruction, target, rows = make_text(task, records, index, rng, counterfactuals, drafts)
         concepts, strengths = np.zeros(len(rows), np.int32), np.zeros(len(rows), np.float32)
-    instruction = instruction.replace(_E, tokenizer.slot)
+    instruction = instruction.replace(tokenizer.placeholder, " ").replace(_E, tokenizer.slot)
     target = target.replace(tokenizer.placeholder, " ")
     prompt = encode_prompt(tokenizer, instruction)
     room = max_len - len(prompt)

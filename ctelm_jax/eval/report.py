@@ -73,6 +73,17 @@ def rerank_note(results: dict[str, Any]) -> str:
             f"Its s / text includes the greedy decode. {describe_verdict(results, info['system'])}")
 
 
+def revise_note(results: dict[str, Any]) -> str:
+    """Per revised row: the share of kept texts equal to their draft and the mean re-embed cosine round by round."""
+    out = []
+    for name, info in results["revise"].items():
+        by_round = ", ".join(f"round {r}: {c:.3f}" for r, c in enumerate(info["round_cosines"], 1))
+        out.append(f"{name}: each draft revised round after round (`revise`), the round whose text re-embeds closest "
+                   f"kept (never the draft); kept texts equal to their draft: {info['equal_to_draft']:.0%}; mean "
+                   f"re-embed cosine of the draft {info['draft_cosine']:.3f}, {by_round}.")
+    return "\n\n".join(out)
+
+
 def facts_table(results: dict[str, Any]) -> str:
     """Fact scores of each system's describe texts (`eval.facts`): key fields, terms, numbers, logic."""
     lines = ["| system | key facts | phase | conditions | interventions | ages exact | ages ±5 y | sex | status | "
@@ -200,6 +211,7 @@ def markdown(results: dict[str, Any], cosine_png: bool, concepts_png: bool) -> s
         describe_table(results), "",
         describe_verdict(results), "",
         *([rerank_note(results), ""] if results.get("rerank") else []),
+        *([revise_note(results), ""] if results.get("revise") else []),
         "ELM: the checkpoint. Untrained adapter: the same pretrained decoder with the run's freshly initialised "
         "adapter and LoRA at initialisation (a no-op), i.e. the model at step 0. Nearest training neighbour: the text "
         "of the most similar training embedding (retrieval). ROUGE-L / BLEU against the true canonical text; "

@@ -34,6 +34,7 @@ from ctelm_jax.errors import UserError
 from ctelm_jax.eval import facts, metrics, probes, report
 from ctelm_jax.parallel.rules import as_rules, constrainer
 from ctelm_jax.rerank import Encode, RerankConfig, rerank
+from ctelm_jax.revise import MAX_ROUNDS, revise
 from ctelm_jax.run.build import build_elm
 from ctelm_jax.run.concepts import edit_pair_builtins, load_or_compute
 from ctelm_jax.run.config import load_run_config
@@ -66,6 +67,8 @@ class EvalSizes:
     # 0.85 s) and runs until its longest text ends: 3 candidates (2 sampled batches, 96 re-embedded texts) add about
     # 2.5 minutes, 4 would add nearly 4.
     rerank_candidates: int = 3
+    # Revision rounds of the "ELM, neighbour / greedy draft" rows (`revise`); only for runs that train the revise task.
+    revise_rounds: int = 2
     split: str = "test"
     seed: int = 0
 
@@ -73,6 +76,9 @@ class EvalSizes:
         if self.rerank_candidates < 0:
             raise UserError(f"rerank_candidates={self.rerank_candidates}: use 0 or 1 (off) or a count >= 2, e.g. "
                             "--rerank_candidates=4.")
+        if not 0 <= self.revise_rounds <= MAX_ROUNDS:
+            raise UserError(f"revise_rounds={self.revise_rounds}: use 0 (no revised rows) to {MAX_ROUNDS}, e.g. "
+                            "--revise_rounds=2.")
         counts = {k: getattr(self, k) for k in ("n_test", "max_new_tokens", "batch_size", "n_attribute",
                                                 "attribute_max_new_tokens", "n_concept", "concept_max_new_tokens",
                                                 "n_novel")}
@@ -101,6 +107,11 @@ def _vector_sets(run_vectors: dict[str, concepts_lib.Concept], workdir: Any, con
     except (UserError, ValueError) as e:
         return out, f"{other} vectors not compared: {e}"
     return out, f"{other} vectors compared beside them"
+
+
+def _trains(config: Any, task: str) -> bool:
+    """Whether a stage of the run's curriculum gives `task` a positive weight."""
+    return any(float(dict(stage["tasks"]).get(task, 0)) > 0 for stage in config.stages)
 
 
 def _line_accuracy(systems: dict[str, Any], truths: list[render.TrialFields],
@@ -176,10 +187,27 @@ def evaluate_run(workdir: str | os.PathLike, sizes: EvalSizes = EvalSizes(), enc
         known_cosines = {"ELM": reranked.cosines[:, 0], rerank_name: reranked.chosen_cosines}
         rerank_info = {"system": rerank_name, **dataclasses.asdict(options), "chosen": reranked.chosen.tolist(),
                        "greedy_kept": int((reranked.chosen == 0).sum())}
-    texts["untrained adapter"] = untrained
     train_ids = [r["nctid"] for r in train.records]
     nn = nearest_neighbours(vectors, train.embeddings, [r["nctid"] for r in records], train_ids)
-    texts["nearest training neighbour"] = [render.render_text(train.records[i]) for i in nn]
+    neighbour_texts = [render.render_text(train.records[i]) for i in nn]
+    revise_info = {}
+    if sizes.revise_rounds and encode is not None and _trains(config, "revise"):
+        for kind in ("neighbour", "greedy"):
+            name = f"ELM, {kind} draft, {sizes.revise_rounds} round{'s' if sizes.revise_rounds > 1 else ''}"
+            drafts, draft_vectors = ((neighbour_texts, train.embeddings[nn]) if kind == "neighbour" else
+                                     (texts["ELM"], encode(texts["ELM"])))
+            revised = revise(model, tokenizer, vectors, drafts, draft_vectors, cfg, encode, sizes.revise_rounds)
+            if kind == "greedy":
+                known_cosines.setdefault("ELM", revised.draft_cosines)  # its draft is the greedy text, re-embedded
+            texts[name], known_cosines[name] = revised.texts, revised.chosen_cosines
+            lap(f"describe ({name})")
+            decode_s[name] = timings[f"describe ({name})"] + (decode_s["ELM"] if kind == "greedy" else 0.0)
+            revise_info[name] = {"equal_to_draft": revised.equal_to_draft,
+                                 "draft_cosine": float(revised.draft_cosines.mean()),
+                                 "round_cosines": [float(c) for c in revised.cosines.mean(axis=1)],
+                                 "chosen": revised.chosen.tolist()}
+    texts["untrained adapter"] = untrained
+    texts["nearest training neighbour"] = neighbour_texts
     texts["random training text"] = [render.render_text(train.records[i])
                                      for i in rng.integers(0, len(train.records), len(rows))]
     systems = {}
@@ -257,7 +285,7 @@ def evaluate_run(workdir: str | os.PathLike, sizes: EvalSizes = EvalSizes(), enc
 
     results = {
         "workdir": str(workdir), "step": trained_step, "split": sizes.split, "sizes": dataclasses.asdict(sizes),
-        "encoder": encoder_note, "describe": systems, "rerank": rerank_info, "attributes": attributes, "concepts": {
+        "encoder": encoder_note, "describe": systems, "rerank": rerank_info, "revise": revise_info, "attributes": attributes, "concepts": {
             "source": concepts_note, "method": run_method, "other": other_note,
             "definitions": {c.name: {"description": c.description, "positive": c.positive, "negative": c.negative}
                             for c in concepts.values()},

@@ -170,8 +170,8 @@ conditions, or its Phase line is the majority phase.</p>
 {traces["path"]}
 </tbody></table>
 <h2>Concept directions</h2>
-<p>Trials moved along each concept vector (<code>ctelm_jax/concepts.py</code>); arrows point towards positive
-strength (older / children / women for the built-in concepts).</p>
+<p>Trials moved along each concept vector of the run (the summary above says which vectors, and by which method);
+arrows point towards positive strength (older / children / women for the built-in concepts).</p>
 <table id="moves"><thead><tr><th>concept: trial</th><th>strength</th><th>decoded</th></tr></thead><tbody>
 {traces["concept"]}
 </tbody></table>"""

@@ -33,14 +33,14 @@ def corpus(workdir: epath.Path) -> tuple[list[dict], np.ndarray]:
     return records, np.concatenate([s.embeddings for s in splits.values()])
 
 
-def run_concepts(workdir: epath.Path, names: Sequence[str] = ()) -> dict[str, concepts_lib.Concept]:
+def run_concepts(workdir: epath.Path, names: Sequence[str] = ()) -> tuple[dict[str, concepts_lib.Concept], str]:
     """The concepts saved with the run (built-in and user-defined; the built-in ones are computed and saved if the
-    run has none), restricted to `names` if given."""
-    saved, _ = load_or_compute(workdir)
+    run has none), restricted to `names` if given, and the note saying where they came from and by which method."""
+    saved, note = load_or_compute(workdir)
     missing = [n for n in names if n not in saved]
     if missing:
         raise ValueError(f"concepts {missing} are not saved with {workdir}; saved: {sorted(saved)}.")
-    return {n: saved[n] for n in names} if names else saved
+    return ({n: saved[n] for n in names} if names else saved), note
 
 
 def explore_run(workdir: str | os.PathLike, sizes: atlas_lib.ExploreSizes = atlas_lib.ExploreSizes(),
@@ -54,7 +54,7 @@ def explore_run(workdir: str | os.PathLike, sizes: atlas_lib.ExploreSizes = atla
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer, _, trained_step = load_trained(workdir, step)
     records, embeddings = corpus(workdir)
-    concepts = run_concepts(workdir, concept_names)
+    concepts, concepts_note = run_concepts(workdir, concept_names)
     loaded = time.perf_counter()
     atlas = atlas_lib.build_atlas(model, tokenizer, records, [split_of(r["nctid"]) for r in records], embeddings,
                                   concepts, sizes, pairs, concept_nctids)
@@ -67,7 +67,8 @@ def explore_run(workdir: str | os.PathLike, sizes: atlas_lib.ExploreSizes = atla
                f"{len(atlas.regions)} k-means regions; {agreement}.",
                f"{sum(t.kind == 'path' for t in atlas.traces)} paths, "
                f"{sum(t.kind == 'concept' for t in atlas.traces)} concept moves ({', '.join(concepts)}); greedy "
-               f"decoding, at most {sizes.max_new_tokens} new tokens, no repeated {sizes.no_repeat_ngram_size}-grams."]
+               f"decoding, at most {sizes.max_new_tokens} new tokens, no repeated {sizes.no_repeat_ngram_size}-grams.",
+               f"Concept vectors {concepts_note}."]
     html_path = page.write_page(atlas, out / "index.html", title, summary, str(workdir))
     png_path = page.write_png(atlas, out / "map.png", f"{title}\n{agreement}")
     timings = {"load": round(loaded - clock, 1), "atlas (decode included)": round(built - loaded, 1),
