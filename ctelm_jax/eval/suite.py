@@ -285,7 +285,8 @@ def evaluate_run(workdir: str | os.PathLike, sizes: EvalSizes = EvalSizes(), enc
 
     results = {
         "workdir": str(workdir), "step": trained_step, "split": sizes.split, "sizes": dataclasses.asdict(sizes),
-        "encoder": encoder_note, "describe": systems, "rerank": rerank_info, "revise": revise_info, "attributes": attributes, "concepts": {
+        "encoder": encoder_note, "describe": systems, "rerank": rerank_info, "revise": revise_info,
+        "attributes": attributes, "concepts": {
             "source": concepts_note, "method": run_method, "other": other_note,
             "definitions": {c.name: {"description": c.description, "positive": c.positive, "negative": c.negative}
                             for c in concepts.values()},
