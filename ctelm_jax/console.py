@@ -2,8 +2,8 @@
 line in a log file.
 
 `entry_point`, every program's `main`, keeps absl's stderr handler at WARNING (INFO with `--verbosity=1` or more); a
-training run (and `main`, for the evaluation and the explorer) adds `<workdir>/log.txt`, which gets every INFO line,
-ctelm_jax's and the libraries' (orbax, absl, grain, tensorstore), whatever the verbosity."""
+training run, `main`, and `evaluate`, `explore` and `decode` on a run add `<workdir>/log.txt`, which gets every INFO
+line, ctelm_jax's and the libraries' (orbax, absl, grain, tensorstore), whatever the verbosity."""
 
 from __future__ import annotations
 
@@ -51,11 +51,18 @@ def say(message: str) -> None:
     logging.info("%s", message)
 
 
+def warn(message: str) -> None:
+    """A warning a user can act on, on a line of its own on stderr (above a progress bar, never on it), also in the
+    log file."""
+    tqdm.write(f"warning: {message}", file=sys.stderr)
+    logging.info("warning: %s", message)
+
+
 @contextlib.contextmanager
 def log_file(workdir: str | os.PathLike) -> Iterator[None]:
-    """Every INFO line (any logger) appended to `<workdir>/log.txt` within the block; nothing for a gs:// workdir, or
-    when an enclosing block already writes that file."""
-    if fs.is_remote(workdir):
+    """Every INFO line (any logger) appended to `<workdir>/log.txt` within the block; nothing for a gs:// workdir or one
+    that does not exist (the program's own check names it), or when an enclosing block already writes that file."""
+    if fs.is_remote(workdir) or not os.path.isdir(os.fspath(workdir)):
         yield
         return
     root = std_logging.getLogger()

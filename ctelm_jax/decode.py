@@ -313,7 +313,8 @@ def _draft_pool(workdir: epath.Path) -> tuple[list[str], list[str], np.ndarray]:
 def main(argv: list[str]) -> None:
     """Runs `decode` with the parsed flags."""
     del argv
-    decode(flags.FLAGS)
+    with console.log_file(flags.FLAGS.workdir):
+        decode(flags.FLAGS)
 
 
 def decode(f: flags.FlagValues) -> None:

@@ -54,7 +54,8 @@ def main(argv: list[str]) -> None:
         concept_max_new_tokens=f.concept_max_new_tokens, strengths=tuple(parse_floats("--strengths", f.strengths)),
         n_novel=f.n_novel, repetition_penalty=f.repetition_penalty, no_repeat_ngram_size=f.no_repeat_ngram_size,
         rerank_candidates=f.rerank_candidates, revise_rounds=f.revise_rounds, split=f.split, seed=f.seed)
-    print(evaluate_run(f.workdir, sizes, step=f.step, out=f.out))
+    with console.log_file(f.workdir):
+        print(evaluate_run(f.workdir, sizes, step=f.step, out=f.out))
 
 
 if __name__ == "__main__":

@@ -56,6 +56,16 @@ def test_decode_and_evaluate_programs(workdir, tmp_path):
         "--rerank=3", f"--out={out}")
     [row] = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(row["candidate_cosines"]) == 3 and row["cosine"] == max(row["candidate_cosines"])
+    # A neighbour draft (the run did not train revise: the rows show the machinery, not its quality), through the
+    # run's real encoder; the program's library INFO goes to the run's log file, not the console.
+    logged = (workdir / "log.txt").read_text()
+    printed = run("ctelm_jax.decode", f"--workdir={workdir}", "--mode=describe", f"--nctids={ids[0]}",
+                  "--max_new_tokens=8", "--draft=neighbour", "--rounds=1", f"--out={out}")
+    [row] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["draft_source"] in ids and row["draft_source"] != ids[0] and row["round"] == 1
+    assert row["cosine"] == row["round_cosines"][0] and -1 <= row["draft_cosine"] <= 1
+    grown = (workdir / "log.txt").read_text()
+    assert grown.startswith(logged) and "orbax" in grown[len(logged):] and "orbax" not in printed
 
     report = run("ctelm_jax.evaluate", f"--workdir={workdir}", "--n_test=2", "--max_new_tokens=8", "--n_attribute=1",
                  "--attribute_max_new_tokens=4", "--n_concept=1", "--concept_max_new_tokens=8", "--strengths=-1,1",

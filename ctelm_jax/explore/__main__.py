@@ -60,7 +60,8 @@ def main(argv: list[str]) -> None:
                          concept_trials=f.concept_trials, strengths=tuple(parse_floats("--strengths", f.strengths)),
                          neighbours=f.neighbours, max_new_tokens=f.max_new_tokens, batch_size=f.batch_size,
                          seed=f.seed)
-    print(explore_run(f.workdir, sizes, parse_pairs(f.pairs), f.concept_nctids, f.concepts, f.step))
+    with console.log_file(f.workdir):
+        print(explore_run(f.workdir, sizes, parse_pairs(f.pairs), f.concept_nctids, f.concepts, f.step))
 
 
 if __name__ == "__main__":

@@ -63,9 +63,9 @@ class Preemption:
         self.requested = True
         self.signum = self.signum or signum
         if self._droppable:
-            logging.warning("%s received: stopping now.", signal.Signals(signum).name)
+            console.warn(f"{signal.Signals(signum).name} received: stopping now.")
             raise Interrupted(signal.Signals(signum).name)
-        logging.warning("%s received: saving a checkpoint after this step, then exiting.", signal.Signals(signum).name)
+        console.warn(f"{signal.Signals(signum).name} received: saving a checkpoint after this step, then exiting.")
 
     @contextlib.contextmanager
     def droppable(self) -> Iterator[None]:
