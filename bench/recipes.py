@@ -68,6 +68,15 @@ def _counterfactual(c: ml_collections.ConfigDict) -> None:
         stage["tasks"] = {**stage["tasks"], "counterfactual": weight}
 
 
+REVISE_WEIGHTS = (0.0, 0.2, 0.2)  # per stage: beside describe 1.0 / 0.4 / 0.3; alignment first teaches reading
+
+
+def _revise(c: ml_collections.ConfigDict) -> None:
+    for stage, weight in zip(c.stages, REVISE_WEIGHTS):
+        if weight:
+            stage["tasks"] = {**stage["tasks"], "revise": weight}
+
+
 VARIANTS: dict[str, tuple[str, Callable[[ml_collections.ConfigDict], None]]] = {
     "full": ("full recipe, k = 1", _as_ablated),
     "no_offset": ("without concept-offset training", _ablated(_no_offset)),
@@ -79,4 +88,5 @@ VARIANTS: dict[str, tuple[str, Callable[[ml_collections.ConfigDict], None]]] = {
     "default": ("configs/default.py: k = 4, without the word-concept task", lambda c: None),
     "edit_pair": ("the default with edit-pair concept vectors", _edit_pair),
     "counterfactual": ("the default with edit-pair vectors and the counterfactual task", _counterfactual),
+    "revise": ("the default with the revise task", _revise),
 }
