@@ -22,11 +22,18 @@ def _target_ids(example):
 def test_masked_targets_decode_to_the_target(task, records, tokenizer):
     end = tokenizer.decode([tasks.end_of_turn_id(tokenizer)], skip_special_tokens=False)
     assert end == "<|im_end|>"
+    # The edited trials of `counterfactual` (embedding rows after the corpus's) and the drafts of `revise`.
+    edited = tasks.Counterfactuals(np.arange(6), ("age", "sex", "pediatric") * 2, np.asarray([1.0, -1.0] * 3),
+                                   np.zeros((6, 4), np.float32))
+    extras = {"counterfactuals": edited, "drafts": np.roll(np.arange(len(records)), 1)}
     for index in (0, 17, 1234, 4000):
-        instruction, target, rows = tasks.make_text(task, records, index, np.random.default_rng(index))
-        ex = tasks.make_example(task, records, index, np.random.default_rng(index), tokenizer, 2048)
+        instruction, target, rows = tasks.make_text(task, records, index, np.random.default_rng(index), **extras)
+        ex = tasks.make_example(task, records, index, np.random.default_rng(index), tokenizer, 2048, **extras)
         assert ex["task"] == task and ex["tokens"].dtype == np.int32 and ex["loss_mask"].dtype == np.float32
-        assert ex["embedding_indices"].tolist() == rows and rows[0] == index
+        assert ex["embedding_indices"].tolist() == rows
+        expected = {"counterfactual": rows[:1] if rows[0] >= len(records) else None,
+                    "revise": [extras["drafts"][index], index]}.get(task, [index, *rows[1:]])
+        assert rows == expected
         assert np.count_nonzero(ex["tokens"] == tokenizer.placeholder_id) == len(rows) == instruction.count("{E}")
         assert tokenizer.decode(_target_ids(ex), skip_special_tokens=False) == target + end
         assert ex["loss_mask"][-1] == 0
