@@ -14,7 +14,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +37,7 @@ from ctelm_jax.train.metrics import tfrecords
 from ctelm_jax.weights.elm_export import adapter_to_hf, import_elm
 from ctelm_jax.weights.hf import decoder_to_hf
 from conftest import free_port, metric_rows, sigterm_once_logged
+from test_rerank import flags_for
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "ctelm-test"
@@ -175,11 +175,8 @@ def test_remote_run_resumes_exports_and_evaluates(bucket, tmp_path):
     vectors = fs.as_path(bucket) / "inputs" / "two.npy"
     with vectors.open("wb") as f:
         np.save(f, HashEncoder().encode(["a trial", "another trial"]))
-    decode.decode(types.SimpleNamespace(
-        workdir=remote, step=None, mode="describe", texts=[], npy=str(vectors), nctids=None, question="", steps=2,
-        concept="", strengths=[], out=f"{remote}/decoded.jsonl", max_new_tokens=4, temperature=0.0, top_p=1.0,
-        repetition_penalty=1.0, no_repeat_ngram_size=0, batch_size=2, seed=0, quantize="none", rerank=0,
-        rerank_temperature=0.7, rerank_top_p=1.0))
+    decode.decode(flags_for(remote, vectors, f"{remote}/decoded.jsonl", steps=2, max_new_tokens=4, batch_size=2,
+                            rerank=0))
     assert len((root / "decoded.jsonl").read_text().splitlines()) == 2
     sizes = EvalSizes(n_test=2, max_new_tokens=6, batch_size=2, n_attribute=1, attribute_max_new_tokens=4,
                       n_concept=1, concept_max_new_tokens=4, strengths=(1.0,), n_novel=1, rerank_candidates=0)
