@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.recipes import VARIANTS  # noqa: E402
 from configs.default import get_config  # noqa: E402
-from ctelm_jax.eval import facts  # noqa: E402
+from ctelm_jax.eval import facts, probes  # noqa: E402
 from ctelm_jax.eval.suite import EvalSizes, evaluate_run  # noqa: E402
 from ctelm_jax.train.loop import train  # noqa: E402
 
@@ -42,6 +42,8 @@ _ROOT = flags.DEFINE_string("root", "runs/ablation", "Folder of the variants' ru
 _EMBEDDINGS = flags.DEFINE_string("embeddings", "runs/default", "A run whose embeddings/corpus the variants read.")
 _REUSE = flags.DEFINE_string("reuse", "", "A finished run of this variant's config to evaluate instead of training.")
 _TABLE = flags.DEFINE_bool("table", False, "Print the table of the evaluated variants and exit.")
+_RESCORE = flags.DEFINE_string("rescore", "", "An evaluated variant whose concept curves are scored again from its "
+                                "samples with today's scorer (metrics.json rewritten), then exit.")
 _PAIR = flags.DEFINE_list("pair", [], "Two evaluated variants, A,B: print B - A paired over the same trials and exit.")
 _N_TEST = flags.DEFINE_integer("n_test", 32, "Validation trials to describe.")
 _N_CONCEPT = flags.DEFINE_integer("n_concept", 24, "Validation trials per concept and strength.")
@@ -138,12 +140,34 @@ def paired(root: Path, a: str, b: str) -> str:
     return "\n".join(lines)
 
 
+def rescore(out: Path) -> None:
+    """The concept curves of an evaluation (`out`: its folder) scored again from its decoded samples with today's
+    `probes.concept_curve`, written into its metrics.json: texts are kept, only the scores change."""
+    metrics_path = out / "metrics.json"
+    m = json.loads(metrics_path.read_text())
+    concept_samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()
+                       if json.loads(line)["task"] == "concept"]
+    strengths = sorted({*map(float, m["sizes"]["strengths"]), 0.0})
+    base = [s["text"] for s in concept_samples if s["strength"] == 0.0]
+    for method, found in m["concepts"]["by_method"].items():
+        for name in found["curves"]:
+            texts = {s: [x["text"] for x in concept_samples
+                         if x.get("vectors") == method and x["concept"] == name and x["strength"] == s]
+                     for s in strengths if s != 0.0}
+            found["curves"][name] = probes.concept_curve(name, strengths, {**texts, 0.0: base})
+    m["concepts"]["curves"] = m["concepts"]["by_method"][m["concepts"]["method"]]["curves"]
+    metrics_path.write_text(json.dumps(m, indent=1) + "\n")
+
+
 def main(argv: list[str]) -> None:
     """Trains and evaluates one variant, or prints the table."""
     del argv
     root = Path(_ROOT.value)
     if _TABLE.value:
         print(table(root))
+        return
+    if _RESCORE.value:
+        rescore(root / _RESCORE.value / "eval")
         return
     if _PAIR.value:
         print(paired(root, *_PAIR.value))

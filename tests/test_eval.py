@@ -138,6 +138,10 @@ def test_specificity_counts_moves_that_keep_phase_conditions_and_interventions()
     assert c["responsive"][1]["specific_ci"] == pytest.approx(metrics.wilson_interval(1, 4))
     assert c["specificity"] == pytest.approx((2 / 4 + 1 / 4) / 2)
     assert probes.identity("garbage") is None and probes.identity(base) == probes.identity(trial_text("60 years and older"))
+    # The curves decode 72 tokens: a text cut after its Ages line keeps its identity; one cut inside Interventions none.
+    cut = base[:base.index("\nSex:")]
+    assert probes.identity(cut) == probes.identity(base) is not None
+    assert probes.identity(base[:base.index("\nAges:")]) is None
     assert "Specificity, phase, conditions and interventions as at strength 0" in report._concept_table(
         {"age": c}, {"age": {"description": "d", "positive": 1, "negative": 1}}, "test")
 

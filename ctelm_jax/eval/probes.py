@@ -166,10 +166,19 @@ def concept_curve(concept: str, strengths: Sequence[float], texts: Mapping[float
 
 
 def identity(text: str) -> tuple[str, tuple[str, ...], tuple[str, ...]] | None:
-    """What a concept move must leave as it was: the phase, conditions and interventions of a well-formed decode
-    (`render.parse_text`); None for a text that is not well-formed, which keeps nothing."""
-    f = render.parse_text(text)
-    return None if f is None else (f.phase, f.conditions, f.interventions)
+    """What a concept move must leave as it was: the phase, conditions and interventions of a decode, read line by line
+    (`render.field_lines`, normalised, lists as sorted items), so that the curves' short decodes, cut after the Ages
+    and Sex lines, count; None when one of the three is missing or the text stops inside the Interventions line (no
+    line follows it), which keeps nothing."""
+    lines = render.field_lines(text)
+    names = list(lines)
+    if not {"Phase", "Conditions", "Interventions"} <= set(names) or names[-1] == "Interventions":
+        return None
+
+    def items(name: str) -> tuple[str, ...]:
+        return tuple(sorted(normalise(x) for x in render.list_items(lines[name])))
+
+    return normalise(lines["Phase"]), items("Conditions"), items("Interventions")
 
 
 def shape(values: Sequence[float]) -> str:
