@@ -237,7 +237,10 @@ def test_sigterm_while_waiting_for_data_ends_the_program_within_seconds(tmp_path
     elapsed = time.monotonic() - t0
     assert proc.returncode == 128 + signal.SIGTERM, rest[-3000:]  # stopped, not finished: a wrapper reruns it
     assert "Traceback" not in rest and "warning: SIGTERM received: stopping now.\n" in rest
-    assert all(len(line) <= 200 for line in rest.splitlines())  # the warning is a line of its own, not on the bar
+    # The warning is a line of its own, not on the progress bar. (grain's warning about skipped elements, which this
+    # config provokes on purpose, is a long library line: not pinned here.)
+    warned = [line for line in rest.splitlines() if "SIGTERM received" in line]
+    assert warned == ["warning: SIGTERM received: stopping now."]
     assert elapsed < 20  # exits within seconds (measured 1-3 s); the slack is for a loaded 2-core machine
     assert not (workdir / "checkpoints").exists() or not any((workdir / "checkpoints").iterdir())
 
