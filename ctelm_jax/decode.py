@@ -182,6 +182,13 @@ def rerank_config(mode: str, candidates: int, temperature: float, top_p: float, 
         raise UserError(f"--rerank_{e}") from e
 
 
+def _result(tokenizer: Tokenizer, job: Job, text: str, extra: dict[str, Any]) -> dict[str, Any]:
+    """One decoded job's result dict: inputs, setting, prompt, text, parsed fields (or None), then `extra`."""
+    parsed = render.parse_text(text)
+    return {"inputs": list(job.inputs), **job.setting, "prompt": tokenizer.decode(job.prompt, False), "text": text,
+            "fields": None if parsed is None else dataclasses.asdict(parsed), **extra}
+
+
 def decode_jobs(model: ELM, tokenizer: Tokenizer, jobs: Sequence[Job], config: SamplingConfig, seed: int = 0,
                 options: RerankConfig | None = None, encode: Encode | None = None) -> list[dict[str, Any]]:
     """Decodes every job; one result dict per job (inputs, setting, text, parsed fields or None); with `options`,
@@ -197,12 +204,7 @@ def decode_jobs(model: ELM, tokenizer: Tokenizer, jobs: Sequence[Job], config: S
         scores = [{"cosine": round(float(ranked.cosines[i, c]), 4), "candidate": int(c),
                    "candidate_cosines": [round(float(x), 4) for x in ranked.cosines[i]]}
                   for i, c in enumerate(ranked.chosen)]
-    out = []
-    for job, text, score in zip(jobs, texts, scores):
-        parsed = render.parse_text(text)
-        out.append({"inputs": list(job.inputs), **job.setting, "prompt": tokenizer.decode(job.prompt, False),
-                    "text": text, "fields": None if parsed is None else dataclasses.asdict(parsed), **score})
-    return out
+    return [_result(tokenizer, job, text, score) for job, text, score in zip(jobs, texts, scores)]
 
 
 def revise_jobs(model: ELM, tokenizer: Tokenizer, jobs: Sequence[Job], config: SamplingConfig, encode: Encode,
@@ -223,16 +225,11 @@ def revise_jobs(model: ELM, tokenizer: Tokenizer, jobs: Sequence[Job], config: S
         drafts = prompts.decode_texts(model, tokenizer, [j.prompt for j in jobs], [j.vectors for j in jobs], config)
         draft_vectors, sources = np.asarray(encode(drafts)), ["greedy"] * len(jobs)
     revised = revise(model, tokenizer, targets, drafts, draft_vectors, config, encode, rounds, keep_draft)
-    out = []
-    for i, (job, text) in enumerate(zip(jobs, revised.texts)):
-        parsed = render.parse_text(text)
-        out.append({"inputs": list(job.inputs), **job.setting, "prompt": tokenizer.decode(job.prompt, False),
-                    "text": text, "fields": None if parsed is None else dataclasses.asdict(parsed),
-                    "draft": drafts[i], "draft_source": sources[i],
-                    "draft_cosine": round(float(revised.draft_cosines[i]), 4),
-                    "round_cosines": [round(float(c), 4) for c in revised.cosines[:, i]],
-                    "round": int(revised.chosen[i]), "cosine": round(float(revised.chosen_cosines[i]), 4)})
-    return out
+    return [_result(tokenizer, job, text, {
+        "draft": drafts[i], "draft_source": sources[i], "draft_cosine": round(float(revised.draft_cosines[i]), 4),
+        "round_cosines": [round(float(c), 4) for c in revised.cosines[:, i]], "round": int(revised.chosen[i]),
+        "cosine": round(float(revised.chosen_cosines[i]), 4)})
+        for i, (job, text) in enumerate(zip(jobs, revised.texts))]
 
 
 def readable(mode: str, result: dict[str, Any]) -> str:

@@ -19,9 +19,9 @@ Tasks (`TASKS`):
                over the text (`pool_mask`) feed the embedding-prediction head (`models.embed_head`), the trial's
                embedding row is the target (`target_indices`)
   revise       a draft trial (its embedding and its key lines, `draft_text`) and the target embedding -> the target
-               trial's canonical text: a correction step (vec2text's, retrieve-and-edit's); training drafts are each
-               trial's nearest other training trial (`Drafts`), decoding drafts the nearest corpus trial or the
-               model's own text (`ctelm_jax.revise`)
+               trial's canonical text: a correction step (vec2text's, retrieve-and-edit's); training drafts are
+               each trial's nearest other training trial (`make_example`'s `drafts`), decoding drafts the nearest
+               corpus trial or the model's own text (`ctelm_jax.revise`)
   counterfactual  the embedding of a training trial's text with its ages, sex or pediatric status edited
                (`Counterfactuals`: `render.move_fields` at +1 or -1, embedded by the run's encoder) -> the edited
                text under a `describe` instruction, or, half of the time, the answer to an ages / sex question about

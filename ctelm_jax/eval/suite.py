@@ -94,9 +94,10 @@ def _pick(n_total: int, n: int, rng: np.random.Generator) -> np.ndarray:
 
 def _vector_sets(run_vectors: dict[str, concepts_lib.Concept], workdir: Any, config: Any,
                  train: Any) -> tuple[dict[str, dict[str, concepts_lib.Concept]], str]:
-    """{method: built-in concept vectors}, the run's own first, and the other method's beside them (edit pairs are
-    embedded once and cached in the workdir), with a note saying why the other set is missing where it is."""
-    method = next(iter({c.method for c in run_vectors.values()}))
+    """{method: built-in concept vectors}, the run's own first (by its built-in concepts' method), and the other
+    method's beside them (edit pairs are embedded once and cached in the workdir), with a note saying why the other
+    set is missing where it is."""
+    method = next((c.method for name, c in run_vectors.items() if name in concepts_lib.BUILTIN), "centroid")
     out = {method: run_vectors}
     other = next(m for m in concepts_lib.METHODS if m != method)
     try:
