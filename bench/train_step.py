@@ -9,8 +9,10 @@ Llama-3.2-1B's shape (16 layers, hidden 2048, 32 / 8 heads, vocab 128,256, tied)
 machine's memory for LoRA (full fine-tuning in fp32 would need ~20 GB for weights and Adam alone).
 
 The driver alternates worker processes (jax, torch, jax, torch, ...) so both see the same machine state; each worker
-builds its model once, times `--steps` steps after one warm-up (compile) step, and reports step times and its peak
-resident memory. Printed: median tokens/s, MFU, peak memory per framework and setting, and the jax/torch ratio.
+builds its model once, times `--steps` steps after warm-up steps (jax: two, torch: one), and reports step times and its
+peak resident memory. A worker's median moves by up to 10% from one process to the next on this 2-core host (jax
+5.5-6.6 s for the same LoRA step, 2026-12-08), so compare two versions of ctelm_jax in one process
+(`bench/step_profile.py`'s tables, or both steps compiled side by side), not across workers. Printed: median tokens/s, MFU, peak memory per framework and setting, and the jax/torch ratio.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -60,8 +63,8 @@ def make_batch(batch: int, seq: int, vocab: int, placeholder: int) -> dict[str, 
             "embed_targets": np.zeros((batch, 2, DOMAIN), np.float32)}
 
 
-def jax_worker(setting: str, batch: dict, steps: int, model: str, dtype: str) -> list[float]:
-    """Step times of ctelm_jax's compiled train step."""
+def jax_step(setting: str, batch: dict, model: str, dtype: str):
+    """ctelm_jax's jitted train step (state donated), its initial state and the batch on the device."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -78,19 +81,26 @@ def jax_worker(setting: str, batch: dict, steps: int, model: str, dtype: str) ->
     tx = make_optimizer(labels, optax.constant_schedule(1e-5))
     ts = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
     step = jax.jit(make_train_step(graphdef, labels, tx, 1), donate_argnums=0)
-    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    return step, ts, {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+def jax_worker(setting: str, batch: dict, steps: int, model: str, dtype: str) -> list[float]:
+    """Step times of ctelm_jax's compiled train step."""
+    import jax
+
+    step, ts, batch = jax_step(setting, batch, model, dtype)
     times = []
-    for _ in range(steps + 1):
+    for _ in range(steps + 2):
         t = time.perf_counter()
         ts, m = step(ts, batch)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t)
-    return times[1:]
+    return times[2:]  # the first call compiles; the second, on the step's own (donated) outputs, took ~3x a step
 
 
-def torch_worker(setting: str, batch: dict, steps: int, model_name: str, placeholder: int, dtype: str) -> list[float]:
-    """Step times of transformers' LlamaForCausalLM (+ PEFT LoRA) with the same adapter splice and loss; bfloat16:
-    under CPU autocast (f32 parameters, bf16 matmuls), as ctelm_jax's dtype=bfloat16 computes."""
+def torch_step(setting: str, batch: dict, model_name: str, placeholder: int, dtype: str) -> Callable[[], None]:
+    """One train step of transformers' LlamaForCausalLM (+ PEFT LoRA) with the same adapter splice and loss, as a
+    function; bfloat16: under CPU autocast (f32 parameters, bf16 matmuls), as ctelm_jax's dtype=bfloat16 computes."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig as HFLlamaConfig
@@ -117,9 +127,8 @@ def torch_worker(setting: str, batch: dict, steps: int, model_name: str, placeho
     mask = torch.tensor(batch["loss_mask"])
     emb = torch.tensor(batch["embeddings"])
     slot = (is_ph.cumsum(1) - 1).clamp(min=0)
-    times = []
-    for _ in range(steps + 1):
-        t = time.perf_counter()
+
+    def step() -> None:
         opt.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
             x = model.get_input_embeddings()(tokens.masked_fill(is_ph, 0))
@@ -131,6 +140,17 @@ def torch_worker(setting: str, batch: dict, steps: int, model_name: str, placeho
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+
+    return step
+
+
+def torch_worker(setting: str, batch: dict, steps: int, model_name: str, placeholder: int, dtype: str) -> list[float]:
+    """Step times of the PyTorch step (`torch_step`)."""
+    step = torch_step(setting, batch, model_name, placeholder, dtype)
+    times = []
+    for _ in range(steps + 1):
+        t = time.perf_counter()
+        step()
         times.append(time.perf_counter() - t)
     return times[1:]
 

@@ -1,6 +1,7 @@
-"""Attention implementations (`models.attention`): the splash kernel (Pallas interpret mode on CPU) equals the xla path
-with packed segments and padding, forward and gradients, on one device and per shard of a mesh; packed examples are
-isolated in the ELM's training forward on every implementation; "auto" picks xla on CPU."""
+"""Attention implementations (`models.attention`): the heads-major xla path equals `jax.nn.dot_product_attention` (its
+previous body) and the splash kernel (Pallas interpret mode on CPU) equals the xla path, with packed segments and
+padding, forward and gradients, on one device and per shard of a mesh; packed examples are isolated in the ELM's
+training forward on every implementation; "auto" picks xla on CPU."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,9 @@ import pytest
 from flax import nnx
 
 from configs import tiny
-from ctelm_jax.models.attention import attend, choose, platform, splash_block, splash_length
+from jax.sharding import NamedSharding, PartitionSpec
+
+from ctelm_jax.models.attention import attend, choose, platform, splash_block, splash_length, visible
 from ctelm_jax.parallel.mesh import make_mesh
 from ctelm_jax.parallel.rules import DEFAULT_RULES, constrainer
 from ctelm_jax.run.build import abstract_elm, build_elm, load_tokenizer
@@ -63,6 +66,49 @@ def test_splash_equals_xla_forward_and_gradients(mesh_sizes, kv_heads):
     for name, got, want in [("out", out, ref), *zip(("dq", "dk", "dv"), grads, ref_grads)]:
         tol = T * EPS * float(jnp.abs(want).max())
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=tol, err_msg=name)
+
+
+@pytest.mark.parametrize("mesh_sizes", [None, {"data": 4, "tensor": 2}])
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+@pytest.mark.parametrize("start", [None, 7])
+def test_xla_equals_jax_nn_dot_product_attention_forward_and_gradients(mesh_sizes, kv_heads, start):
+    """The heads-major xla path (grouped query heads stacked as rows) computes what `jax.nn.dot_product_attention`
+    with the same (B, 1, T, S) mask computes, output and gradients w.r.t. q, k, v, for plain multi-head, grouped and
+    multi-query heads, in self-attention over packed rows and over a KV cache (5 new tokens written at slot 7 of 16,
+    empty slots segment 0), on one device and with the inputs sharded over the 8-device mesh (rows over data, heads
+    over tensor where they divide). Both take the same products in f32 in different layouts: each element is a sum
+    of at most S products whose rounding may differ by O(S eps) of the largest term, hence S * eps * max|reference|."""
+    rng = np.random.default_rng(3)
+    if start is None:
+        q, k, v = qkv(kv_heads)
+        q_seg = kv_seg = jnp.asarray(packed_segments(B, T))
+    else:
+        t, s = 5, 16
+        q = jnp.asarray(rng.standard_normal((B, t, N, D)), jnp.float32)
+        k, v = (jnp.asarray(rng.standard_normal((B, s, kv_heads, D)), jnp.float32) for _ in range(2))
+        kv_np = np.zeros((B, s), np.int32)
+        kv_np[:, :start + t] = 1
+        kv_np[0, :3] = 0  # a row whose prompt was left-padded
+        kv_seg, q_seg = jnp.asarray(kv_np), jnp.asarray(kv_np[:, start:start + t])
+    if mesh_sizes is not None:
+        mesh = make_mesh(mesh_sizes)
+        heads = lambda n: "tensor" if n % mesh_sizes["tensor"] == 0 else None  # noqa: E731
+        q = jax.device_put(q, NamedSharding(mesh, PartitionSpec("data", None, heads(N))))
+        k, v = (jax.device_put(x, NamedSharding(mesh, PartitionSpec("data", None, heads(kv_heads)))) for x in (k, v))
+    weights = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+    mask = visible(q_seg, kv_seg, 0 if start is None else start)[:, None]
+
+    def grads(f):
+        return jax.jit(jax.value_and_grad(lambda q, k, v: (f(q, k, v) * weights).sum(), argnums=(0, 1, 2)))
+
+    _, got = grads(lambda q, k, v: attend(q, k, v, q_seg, kv_seg, start=start, implementation="xla"))(q, k, v)
+    _, want = grads(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask))(q, k, v)
+    out = attend(q, k, v, q_seg, kv_seg, start=start, implementation="xla")
+    ref = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    tol_len = k.shape[1] * EPS
+    for name, a, b in [("out", out, ref), *zip(("dq", "dk", "dv"), got, want)]:
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=tol_len * float(jnp.abs(b).max()),
+                                   err_msg=name)
 
 
 def test_splash_tiles():

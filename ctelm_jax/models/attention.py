@@ -1,7 +1,9 @@
 """Causal self-attention within packed segments by one of three implementations or "auto" (`model.attention`):
 
-- "xla": `jax.nn.dot_product_attention` with a dense (B, T, S) mask; XLA holds the (B, N, T, S) scores. Decoding
-  with a KV cache (T new tokens against S cache slots) always takes it: there T is 1 or a prompt.
+- "xla": plain XLA ops with a dense (B, T, S) mask, heads-major: the G = N / K query heads that share a kv head are
+  stacked as rows, so the score and value products are B x K plain matmuls, (G T, D) x (D, S) and (G T, S) x (S, D),
+  with no repeated keys / values and no per-head layout changes between them; XLA holds the (B, N, T, S) scores.
+  Decoding with a KV cache (T new tokens against S cache slots) always takes it: there T is 1 or a prompt.
 - "splash": the TPU splash-attention Pallas kernel (causal mask, `SegmentIds`, grouped-query heads native), tiled
   so that no T x S array exists (the length padded to a multiple of 128 by tokens of a segment of their own); run
   per shard by `shard_map` over the mesh of a `parallel.rules.Constrainer` (batch over its batch axes, heads over
@@ -122,6 +124,22 @@ def _splash(q: jax.Array, k: jax.Array, v: jax.Array, q_segments: jax.Array, kv_
     return run(q, k, v, q_segments, kv_segments).transpose(0, 2, 1, 3)
 
 
+def _xla(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """softmax(q k^T / sqrt(D) where `mask` (B, T, S), else -inf) v, the scores and softmax in f32: q (B, T, N, D),
+    k / v (B, S, K, D) -> (B, T, N, D); query head h reads kv head h // G (G = N / K), as Llama's repeated kv heads."""
+    b, t, n, d = q.shape
+    s, kv = k.shape[1], k.shape[2]
+    g = n // kv
+    rows = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, d)  # (B, K, G T, D)
+    keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, K, S, D)
+    scores = jnp.einsum("bkrd,bksd->bkrs", rows, keys, preferred_element_type=jnp.float32)
+    scores = scores.reshape(b, kv, g, t, s) * (1.0 / math.sqrt(d))
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv, g * t, s)
+    out = jnp.einsum("bkrs,bksd->bkrd", probs, values)  # (B, K, G T, D)
+    return out.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, n, d)
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_segments: jax.Array, kv_segments: jax.Array, *,
            start: jax.Array | None = None, implementation: str = "xla",
            constrain: Callable | None = None) -> jax.Array:
@@ -133,9 +151,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_segments: jax.Array, kv_s
     name = "xla" if start is not None else choose(implementation, platform(constrain), q.dtype)
     if name == "splash":
         return _splash(q, k, v, q_segments, kv_segments, constrain)
-    mask = visible(q_segments, kv_segments, 0 if start is None else start)[:, None]
+    mask = visible(q_segments, kv_segments, 0 if start is None else start)
     if name == "cudnn":
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")
     if name == "xla":
-        return jax.nn.dot_product_attention(q, k, v, mask=mask)
+        return _xla(q, k, v, mask)
     raise ValueError(f"attention implementation {name!r}; choose one of {IMPLEMENTATIONS}")
