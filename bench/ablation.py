@@ -145,8 +145,8 @@ def rescore(out: Path) -> None:
     `probes.concept_curve`, written into its metrics.json: texts are kept, only the scores change."""
     metrics_path = out / "metrics.json"
     m = json.loads(metrics_path.read_text())
-    concept_samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()
-                       if json.loads(line)["task"] == "concept"]
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    concept_samples = [s for s in samples if s["task"] == "concept"]
     strengths = sorted({*map(float, m["sizes"]["strengths"]), 0.0})
     base = [s["text"] for s in concept_samples if s["strength"] == 0.0]
     for method, found in m["concepts"]["by_method"].items():

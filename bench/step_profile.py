@@ -5,13 +5,13 @@
     .venv/bin/python bench/step_profile.py --framework=jax --setting=lora   # one side only, its table
 
 Each framework runs in a process of its own, one after the other: one warm-up step, `--steps` timed steps without the
-profiler (their median is the step time the ratio uses), then `--steps` profiled steps.
-Every executed operation's own time (XLA: each thunk of the compiled step, named by the HLO instruction it runs;
-PyTorch: each op's self time) goes to one category, by what it computes (a dot, a transpose or copy, the rest) and
-where in the model it comes from (the Python frames XLA keeps in the HLO's metadata; for PyTorch the op, its input
-shapes and the enclosing autograd / optimizer ranges). XLA:CPU runs independent thunks on its two threads at once,
-each mostly on one core, while PyTorch runs one op at a time on both cores: so an XLA row is its share of the threads'
-busy time, in seconds of the time some thread was busy, and both tables add up to the step's wall time. Backward is what runs under the gradient (XLA: the
+profiler (their median is the table's last row), then `--steps` profiled steps. Every executed operation's own time
+(XLA: each thunk of the compiled step, named by the HLO instruction it runs; PyTorch: each op's self time) goes to one
+category, by what it computes (a dot, a transpose or copy, the rest) and where in the model it comes from (the Python
+frames XLA keeps in the HLO's metadata; for PyTorch the op, its input shapes and the enclosing autograd / optimizer
+ranges). XLA:CPU runs independent thunks on its two threads at once, each mostly on one core, while PyTorch runs one
+op at a time on both cores: so an XLA row is its share of the threads' busy time, in seconds of the time some thread
+was busy, and both tables add up to the step's wall time. Backward is what runs under the gradient (XLA: the
 `transpose(jvp(...))` name stack; PyTorch: the autograd engine). "Host" is the step's wall time outside every
 operation: dispatch, Python, waiting. Printed: a markdown table of seconds per step by category, with shares.
 """
@@ -100,7 +100,7 @@ def parse_hlo(text: str) -> tuple[dict[str, dict], dict[str, list[str]], dict[in
 
 def component(chain: list[tuple[str, str, int]]) -> str:
     """The model part a stack (innermost first) belongs to."""
-    for file, function, line in chain:
+    for file, function, _ in chain:
         if "/optax/" in file:
             return "optimizer"
         if "ctelm_jax" not in file:
@@ -119,12 +119,10 @@ def component(chain: list[tuple[str, str, int]]) -> str:
                 return "LM head"
             if function.endswith("embed"):
                 return "embedding + adapter"
-            if function.endswith("dot_product_attention") or "attend" in function:
-                return "attention: softmax + mask"
             return "elementwise (norms, RoPE, SwiGLU, residuals)"
-        if name == "models/layers.py":
+        if name == "models/layers.py":  # RMSNorm
             return "elementwise (norms, RoPE, SwiGLU, residuals)"
-        if name in ("train/loss.py",):
+        if name == "train/loss.py":
             return "loss"
         if name == "train/step.py":
             return "loss" if function in ("token_losses", "loss_and_metrics", "loss_fn") else "optimizer"
@@ -272,7 +270,6 @@ def torch_row(event, vocab: int, n_embeddings: int) -> str:
 
 def torch_profile(setting: str, batch: dict, steps: int, model: str, placeholder: int) -> dict:
     """Seconds per step by row and phase, and the step's wall time, from torch.profiler."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     step = train_step.torch_step(setting, batch, model, placeholder, "float32")
@@ -301,9 +298,9 @@ def torch_profile(setting: str, batch: dict, steps: int, model: str, placeholder
         phase = "bwd" if any(c.startswith("autograd::engine") or "Backward" in c for c in chain) else "fwd"
         row = torch_row(e, vocab, n_embeddings)
         seconds[(row, "" if row == "optimizer" else phase)] += own
-    del torch
     seconds[("host (outside any op)", "")] += max(0.0, wall - busy)
-    return {"wall": wall, "plain": statistics.median(plain[1:]), "seconds": {f"{r}|{p}": s for (r, p), s in seconds.items()}}
+    return {"wall": wall, "plain": statistics.median(plain[1:]),
+            "seconds": {f"{r}|{p}": s for (r, p), s in seconds.items()}}
 
 
 # --------------------------------------------------------------------------------------------------- driver

@@ -12,7 +12,8 @@ The driver alternates worker processes (jax, torch, jax, torch, ...) so both see
 builds its model once, times `--steps` steps after warm-up steps (jax: two, torch: one), and reports step times and its
 peak resident memory. A worker's median moves by up to 10% from one process to the next on this 2-core host (jax
 5.5-6.6 s for the same LoRA step, 2026-12-08), so compare two versions of ctelm_jax in one process
-(`bench/step_profile.py`'s tables, or both steps compiled side by side), not across workers. Printed: median tokens/s, MFU, peak memory per framework and setting, and the jax/torch ratio.
+(`bench/step_profile.py`'s tables, or both steps compiled side by side), not across workers. Printed: median
+tokens/s, MFU, peak memory per framework and setting, and the jax/torch ratio.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def jax_worker(setting: str, batch: dict, steps: int, model: str, dtype: str) ->
         ts, m = step(ts, batch)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t)
-    return times[2:]  # the first call compiles; the second, on the step's own (donated) outputs, took ~3x a step
+    return times[2:]  # the first call compiles; the second, on the step's own (donated) outputs, took 3-5x a step
 
 
 def torch_step(setting: str, batch: dict, model_name: str, placeholder: int, dtype: str) -> Callable[[], None]:

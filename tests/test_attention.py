@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import tiny
 from jax.sharding import NamedSharding, PartitionSpec
 
+from configs import tiny
 from ctelm_jax.models.attention import attend, choose, platform, splash_block, splash_length, visible
 from ctelm_jax.parallel.mesh import make_mesh
 from ctelm_jax.parallel.rules import DEFAULT_RULES, constrainer
@@ -99,12 +99,13 @@ def test_xla_equals_jax_nn_dot_product_attention_forward_and_gradients(mesh_size
     mask = visible(q_seg, kv_seg, 0 if start is None else start)[:, None]
 
     def grads(f):
-        return jax.jit(jax.value_and_grad(lambda q, k, v: (f(q, k, v) * weights).sum(), argnums=(0, 1, 2)))
+        def loss(q, k, v):
+            out = f(q, k, v)
+            return (out * weights).sum(), out
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
 
-    _, got = grads(lambda q, k, v: attend(q, k, v, q_seg, kv_seg, start=start, implementation="xla"))(q, k, v)
-    _, want = grads(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask))(q, k, v)
-    out = attend(q, k, v, q_seg, kv_seg, start=start, implementation="xla")
-    ref = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    (_, out), got = grads(lambda q, k, v: attend(q, k, v, q_seg, kv_seg, start=start, implementation="xla"))(q, k, v)
+    (_, ref), want = grads(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask))(q, k, v)
     tol_len = k.shape[1] * EPS
     for name, a, b in [("out", out, ref), *zip(("dq", "dk", "dv"), got, want)]:
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=tol_len * float(jnp.abs(b).max()),
